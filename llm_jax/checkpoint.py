@@ -1,0 +1,122 @@
+"""Checkpoints: orbax's CheckpointManager behind a small interface.
+
+A run directory holds `ckpt/<step>/` (the last `keep_last` checkpoints) and `best/<step>/` (the
+one with the lowest validation loss). Each checkpoint has three items, so that a reader can
+restore only what it needs (sampling reads `params` and `meta`, never the optimizer state):
+- `params`: the model's params pytree;
+- `opt_state`: the optimizer state;
+- `meta`: JSON with the run's config, the step, the data position, the RNG key, the tokenizer
+  and the last validation loss.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
+interrupted by a crash is never picked up. Saving is asynchronous: the arrays are copied first
+(the train step donates and overwrites the live buffers), then written in a background thread
+while training continues. Everything is stored as arrays and JSON: no pickle, no code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from llm_jax.errors import UserError
+
+FORMAT = 1
+
+
+def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class Checkpoints:
+    """The checkpoints of one run directory: `save`, `save_best`, `restore`, `close`."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2, async_save: bool = True):
+        self.run_dir = Path(run_dir)
+        self.latest = _manager(self.run_dir / "ckpt", max(keep_last, 1), async_save)
+        self.best = _manager(self.run_dir / "best", 1, async_save)
+
+    def save(self, step: int, params, opt_state, meta: dict, *, best: bool = False) -> None:
+        """Save step `step` (to best/ instead of ckpt/ when best=True); returns before writing."""
+        params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
+        manager = self.best if best else self.latest
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(dict(meta, step=step, format=FORMAT))), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def find(run_dir: str | Path, which: str = "latest") -> tuple[Path, int]:
+    """The checkpoint folder to read in run_dir: (manager folder, step). UserError if none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"checkpoint directory {str(run_dir)!r} does not exist")
+    if which not in ("latest", "best"):
+        raise UserError(f"unknown checkpoint {which!r}: use latest or best")
+    folder = run_dir / ("ckpt" if which == "latest" else "best")
+    steps = [int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()
+             and (p / "meta").exists()] if folder.is_dir() else []
+    if not steps:
+        raise UserError(f"no {which} checkpoint in {str(run_dir)!r} (looked in {str(folder)!r})")
+    return folder, max(steps)
+
+
+def read_meta(run_dir: str | Path, which: str = "latest") -> dict:
+    folder, step = find(run_dir, which)
+    path = folder / str(step) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint metadata {str(path)!r} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}, "
+                        f"this version reads format {FORMAT}")
+    return meta
+
+
+def _check_shapes(abstract, restored, what: str) -> None:
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                                 jax.tree.leaves(restored)):
+        if want.shape != got.shape or want.dtype != got.dtype:
+            name = jax.tree_util.keystr(path)
+            raise UserError(f"checkpoint {what} {name} has shape {got.shape} {got.dtype}, "
+                            f"the config expects {want.shape} {want.dtype}")
+
+
+def restore(run_dir: str | Path, abstract_params, abstract_opt_state=None,
+            which: str = "latest") -> tuple:
+    """(params, opt_state or None, meta) from run_dir's latest (or best) checkpoint.
+
+    `abstract_*` are pytrees of jax.ShapeDtypeStruct (from jax.eval_shape), optionally with
+    shardings: orbax reads each array straight into that layout.
+    """
+    folder, step = find(run_dir, which)
+    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    with ocp.CheckpointManager(folder.absolute()) as manager:
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {str(folder / str(step))!r} does not match the model "
+                            f"config: {str(e).splitlines()[0][:300]}") from None
+    _check_shapes(abstract_params, out["params"], "param")
+    opt_state = out["opt_state"] if abstract_opt_state is not None else None
+    return out["params"], opt_state, out["meta"]

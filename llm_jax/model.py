@@ -1,0 +1,202 @@
+"""GPT-2, as Flax NNX modules used as pure functions over a params pytree.
+
+Shapes: B batch, T time, D model width (n_embd), H heads, K head dim (D // H), V vocabulary,
+L layers.
+
+Design choices:
+- GPT-2 exactly, so that OpenAI's weights map onto it one to one: token + learned position
+  embeddings, pre-LayerNorm blocks (eps 1e-5), causal self-attention with one fused qkv
+  projection, a 4x MLP with tanh-approximated GELU, a final LayerNorm and an output head tied
+  to the token embedding. Parameter names are GPT-2's (wte, wpe, h, ln_1, attn.c_attn, ...).
+- The modules only describe structure and initialisation. Training and sampling use
+  `init_params` / `forward`: a graphdef plus a plain nested dict of arrays, merged back into
+  modules inside the traced function.
+- The L blocks are one module with stacked parameters (leading axis L) and run under
+  `jax.lax.scan`, so compile time does not grow with depth.
+- Dropout takes an explicit key per call (`key=None` means evaluation: no dropout).
+- Params are float32; `dtype` sets the compute dtype; softmax and logits are float32.
+- The embedding table may be padded (50257 -> 50304 rows) for faster matmuls; the logits are cut
+  back to `vocab_size`, so padding never changes results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # tokens in the vocabulary (0: take it from the tokenizer)
+    vocab_multiple: int = 64  # embedding rows are padded up to a multiple of this
+    block_size: int = 1024  # context length in tokens
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # model width D
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout with an explicit key; identity when key is None or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02):
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.normal(std))
+
+
+def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs):
+    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs)
+
+
+def causal_attention(q_BTHK, k_BTHK, v_BTHK, key=None, rate: float = 0.0):
+    """softmax(Q K^T / sqrt(K) + causal mask) V, written out as the formula reads."""
+    T, K = q_BTHK.shape[1], q_BTHK.shape[3]
+    scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32)
+    scores_BHTT = scores_BHTT / math.sqrt(K)
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    scores_BHTT = jnp.where(causal_TT, scores_BHTT, -jnp.inf)
+    weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1)
+    weights_BHTT = dropout(weights_BHTT, rate, key).astype(v_BTHK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", weights_BHTT, v_BTHK)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, rngs,
+                              std=0.02 / math.sqrt(2 * cfg.n_layer))  # GPT-2's residual scaling
+
+    def __call__(self, x_BTD, key=None):
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        k_att, k_out = jax.random.split(key) if key is not None else (None, None)
+        qkv_BT3D = self.c_attn(x_BTD)
+        q, k, v = jnp.split(qkv_BT3D, 3, axis=-1)  # GPT-2 order: query, key, value
+        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        y_BTHK = causal_attention(q, k, v, k_att, cfg.dropout)
+        return dropout(self.c_proj(y_BTHK.reshape(B, T, D)), cfg.dropout, k_out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.c_fc = _linear(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
+        self.c_proj = _linear(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs,
+                              std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def __call__(self, x_BTD, key=None):
+        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)
+        return dropout(self.c_proj(h_BTF), self.cfg.dropout, key)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, key=None):
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), k_attn)
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), k_mlp)
+        return x_BTD
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype,
+                             embedding_init=embed_init, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype,
+                             embedding_init=embed_init, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.h = make_blocks(rngs)  # one Block whose params have a leading axis of size L
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def embed(self, idx_BT, key=None):
+        T = idx_BT.shape[1]
+        x_BTD = self.wte(idx_BT) + self.wpe(jnp.arange(T))
+        return dropout(x_BTD, self.cfg.dropout, key)
+
+    def forward_embeddings(self, x_BTD, key=None):
+        """Blocks, final norm and tied head: embeddings (B, T, D) -> float32 logits (B, T, V)."""
+        keys_L = jax.random.split(key, self.cfg.n_layer) if key is not None else None
+        block_def, block_state = nnx.split(self.h)
+
+        def layer(x_BTD, xs):
+            state, k = xs
+            return nnx.merge(block_def, state)(x_BTD, k), None
+
+        x_BTD, _ = jax.lax.scan(layer, x_BTD, (block_state, keys_L))
+        logits_BTV = self.wte.attend(self.ln_f(x_BTD))
+        return logits_BTV[..., : self.cfg.vocab_size].astype(jnp.float32)
+
+    def __call__(self, idx_BT, key=None):
+        k_embd, k_blocks = jax.random.split(key) if key is not None else (None, None)
+        return self.forward_embeddings(self.embed(idx_BT, k_embd), k_blocks)
+
+
+def init_params(cfg: ModelConfig, key) -> tuple[nnx.GraphDef, dict]:
+    """Build the model and split it into (graphdef, params) with params a nested dict of arrays."""
+    model = GPT(cfg, nnx.Rngs(params=key))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict]:
+    """Like init_params, but the params are jax.ShapeDtypeStructs: nothing is allocated."""
+    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge(graphdef: nnx.GraphDef, params: dict) -> GPT:
+    return nnx.merge(graphdef, nnx.State(params))
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, idx_BT, key=None):
+    """Token ids (B, T) -> float32 logits (B, T, V). Pure: safe under jit, grad and vmap."""
+    return merge(graphdef, params)(idx_BT, key)
+
+
+def count_params(cfg: ModelConfig, params: dict, non_embedding: bool = True) -> int:
+    """Parameters, without the position table and the vocabulary padding (nanoGPT's count)."""
+    n = sum(x.size for x in jax.tree.leaves(params))
+    n -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    if non_embedding:
+        n -= cfg.block_size * cfg.n_embd
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6N for the weights + 12*L*H*K*T for attention (PaLM, app. B)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size

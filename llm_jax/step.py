@@ -1,0 +1,54 @@
+"""The train and eval steps: pure functions, jitted once.
+
+`train_step(params, opt_state, batch, key) -> (params, opt_state, metrics)`. The batch holds
+`grad_accum` micro-batches, (A, B, T) each for inputs and targets. Gradients of the *summed*
+loss are added over micro-batches in a `lax.scan` and divided once by the total token count, so
+the result is the gradient of the mean over every token of the step, however it is split.
+params and opt_state are donated: their buffers are reused for the updated values.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm_jax import model as gpt
+from llm_jax.loss import cross_entropy_sum
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+    def summed_loss(params, x_BT, y_BT, key):
+        logits_BTV = gpt.forward(graphdef, params, x_BT, key)
+        return cross_entropy_sum(logits_BTV, y_BT)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def train_step(params, opt_state, batch, key):
+        x_ABT, y_ABT = batch
+        keys_A = jax.random.split(key, x_ABT.shape[0])
+        if x_ABT.shape[0] == 1:
+            (loss_sum, count), grads = grad_fn(params, x_ABT[0], y_ABT[0], keys_A[0])
+        else:
+            def micro_step(carry, xs):
+                grads_acc, loss_acc, count_acc = carry
+                (loss_sum, count), grads = grad_fn(params, *xs)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+                return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (zeros, jnp.float32(0), jnp.float32(0))
+            (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (x_ABT, y_ABT, keys_A))
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, x_BT, y_BT):
+        loss_sum, count = cross_entropy_sum(gpt.forward(graphdef, params, x_BT), y_BT)
+        return loss_sum / count
+
+    return jax.jit(eval_step)

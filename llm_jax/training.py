@@ -1,0 +1,208 @@
+"""The training run: data, model, optimizer, the loop, evaluation, logging and checkpoints.
+
+`train(config)` is what `python train.py` calls. Every random choice derives from
+`train.seed`: the params from one key, the dropout of step s from `fold_in(key, s)`, the batch of
+step s from (seed, s) (see `llm_jax.data.get_batch`). A checkpoint therefore needs only the step
+to continue exactly, and `--resume` gives the run that would have happened without the stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from llm_jax import checkpoint, data
+from llm_jax import model as gpt
+from llm_jax.config import Config
+from llm_jax.errors import UserError
+from llm_jax.optim import learning_rate, make_optimizer
+from llm_jax.step import make_eval_step, make_train_step
+
+# Dense bf16 peak FLOP/s of known accelerators, by a substring of jax's device_kind.
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "TPU v4": 275,
+               "TPU v5 lite": 197, "TPU v5p": 459, "TPU v6 lite": 918}
+SHAPE_KEYS = ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def peak_flops(cfg_tflops: float) -> float | None:
+    if cfg_tflops > 0:
+        return cfg_tflops * 1e12 * jax.device_count()
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12 * jax.device_count()
+    return None
+
+
+def resolve_model_config(config: Config, tokenizer) -> Config:
+    """Fill model.vocab_size from the tokenizer (0 means 'from the data'), or check it fits."""
+    m = config.model
+    if m.vocab_size == 0:
+        m = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
+    elif m.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size})")
+    return dataclasses.replace(config, model=m)
+
+
+def check_same_shape(saved: dict, wanted: gpt.ModelConfig, where: str) -> None:
+    for key in SHAPE_KEYS:
+        if key in saved and saved[key] != getattr(wanted, key):
+            raise UserError(f"checkpoint in {where!r} has model.{key}={saved[key]!r}, "
+                            f"the config asks for {getattr(wanted, key)!r}")
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {str(out_dir)!r}: {e.strerror}") from None
+
+
+def micro_batches(tokens, cfg: Config, step: int, stream: int = 0):
+    """The batch of one optimizer step: (x, y), each (grad_accum, batch_size, block_size)."""
+    t = cfg.train
+    x, y = data.get_batch(tokens, seed=t.seed, step=step, stream=stream,
+                          batch_size=t.grad_accum * t.batch_size, block_size=cfg.model.block_size)
+    shape = (t.grad_accum, t.batch_size, cfg.model.block_size)
+    return x.reshape(shape), y.reshape(shape)
+
+
+def evaluate(eval_step, params, prepared, cfg: Config) -> dict[str, float]:
+    """Mean loss over the same `eval_iters` batches of each split at every evaluation."""
+    out = {}
+    for stream, split in ((1, "train"), (2, "val")):
+        tokens = prepared.train if split == "train" else prepared.val
+        losses = [eval_step(params, *data.get_batch(
+            tokens, seed=cfg.train.seed, step=i, stream=stream, batch_size=cfg.train.batch_size,
+            block_size=cfg.model.block_size)) for i in range(cfg.train.eval_iters)]
+        out[split] = float(np.mean(jax.device_get(losses)))
+    return out
+
+
+class _Log:
+    """Log lines to the console (through tqdm when a bar is shown) and metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, bar):
+        self.path, self.bar = out_dir / "metrics.jsonl", bar
+
+    def __call__(self, line: str, **record) -> None:
+        (self.bar.write if self.bar is not None else print)(line)
+        if record:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(config: Config) -> dict:
+    """Run training as configured; returns a summary (steps, final losses, timings)."""
+    t = config.train
+    prepared = data.prepare(config.data)
+    config = resolve_model_config(config, prepared.tokenizer)
+    mcfg = config.model
+    for split in ("train", "val"):  # fail now, not at the first evaluation
+        data.get_batch(getattr(prepared, split), seed=0, step=0, batch_size=1,
+                       block_size=mcfg.block_size)
+    out_dir = Path(t.out_dir)
+    _check_writable(out_dir)
+
+    tx = make_optimizer(t)
+    k_init, k_train = jax.random.split(jax.random.key(t.seed))
+    start, best_val = 0, math.inf
+    if t.resume:
+        meta = checkpoint.read_meta(out_dir)
+        check_same_shape(meta["config"]["model"], mcfg, str(out_dir))
+        for key in ("source", "path", "tokenizer"):
+            if meta["config"]["data"][key] != getattr(config.data, key):
+                raise UserError(f"checkpoint in {str(out_dir)!r} was trained with data.{key}="
+                                f"{meta['config']['data'][key]!r}, the config says "
+                                f"{getattr(config.data, key)!r}")
+        graphdef, abstract_params = gpt.abstract_params(mcfg)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        params, opt_state, meta = checkpoint.restore(out_dir, abstract_params, abstract_opt)
+        start, best_val = meta["step"], meta.get("best_val_loss", math.inf)
+    else:
+        if (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
+            raise UserError(f"out_dir {str(out_dir)!r} already holds checkpoints: pass "
+                            "--resume=true to continue that run, or choose another --out_dir")
+        graphdef, params = gpt.init_params(mcfg, k_init)
+        opt_state = tx.init(params)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    n_params = gpt.count_params(mcfg, params)
+    flops_token = gpt.flops_per_token(mcfg, n_params)
+    peak = peak_flops(t.peak_tflops)
+    tokens_step = t.grad_accum * t.batch_size * mcfg.block_size
+    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+    lr_at = learning_rate(t)
+    ckpts = checkpoint.Checkpoints(out_dir, keep_last=t.keep_last)
+
+    def meta_now(step, val=None):
+        return {"config": config.to_dict(), "data_step": step, "val_loss": val,
+                "best_val_loss": best_val if math.isfinite(best_val) else None,
+                "tokenizer": prepared.tokenizer.to_json(), "seed": t.seed}
+
+    bar = tqdm(total=t.max_iters, initial=start, disable=not t.progress, dynamic_ncols=True,
+               unit="step") if t.progress else None
+    log = _Log(out_dir, bar)
+    log(f"model: {n_params / 1e6:.2f}M params, {flops_token / 1e6:.2f} MFLOPs/token; "
+        f"{tokens_step} tokens/step; data: {prepared.meta['train_tokens']:,} train tokens; "
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}"
+        + (f"; resuming at step {start}" if start else ""))
+
+    summary = {"start_step": start, "steps": t.max_iters}
+    t_last, step_last, compile_s = time.perf_counter(), start, None
+    metrics = None
+    for step in range(start, t.max_iters):
+        batch = micro_batches(prepared.train, config, step)
+        params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                jax.random.fold_in(k_train, step))
+        done = step + 1
+        if compile_s is None:  # the first step compiles: time it apart from the throughput
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - t_last
+            t_last, step_last = time.perf_counter(), done
+            summary["first_step_s"] = compile_s
+        if done % t.log_interval == 0 or done == t.max_iters:
+            m = jax.device_get(metrics)
+            now = time.perf_counter()
+            tok_s = (done - step_last) * tokens_step / max(now - t_last, 1e-9)
+            t_last, step_last = now, done
+            lr = float(lr_at(step))
+            mfu = f", mfu {100 * tok_s * flops_token / peak:.1f}%" if peak else ""
+            log(f"step {done}: loss {m['loss']:.4f}, lr {lr:.2e}, grad norm {m['grad_norm']:.3f}, "
+                f"{tok_s:,.0f} tokens/s, {tok_s * flops_token / 1e9:.1f} GFLOP/s{mfu}",
+                step=done, loss=float(m["loss"]), lr=lr, grad_norm=float(m["grad_norm"]),
+                tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
+        if done % t.eval_interval == 0 or done == t.max_iters:
+            losses = evaluate(eval_step, params, prepared, config)
+            improved = losses["val"] < best_val
+            best_val = min(best_val, losses["val"])
+            log(f"step {done}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                + (" (best)" if improved else ""), step=done, train_loss=losses["train"],
+                val_loss=losses["val"])
+            summary.update(train_loss=losses["train"], val_loss=losses["val"])
+            if improved:
+                ckpts.save(done, params, opt_state, meta_now(done, losses["val"]), best=True)
+        if done % t.ckpt_interval == 0 or done == t.max_iters:
+            ckpts.save(done, params, opt_state, meta_now(done, summary.get("val_loss")))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ckpts.wait()
+    ckpts.close()
+    summary.update(best_val_loss=best_val, out_dir=str(out_dir), params=params,
+                   opt_state=opt_state, final_loss=None if metrics is None
+                   else float(jax.device_get(metrics["loss"])))
+    return summary

@@ -1,0 +1,77 @@
+"""Sample text from a trained GPT, streamed to stdout as it is generated.
+
+    python sample.py                                    # from out/, the default run of train.py
+    python sample.py --out_dir out/shakespeare --prompt "ROMEO:" --num_samples 3
+    echo "def main():" | python sample.py --prompt -    # prompt from stdin
+    python sample.py --prompt_file prompt.txt --temperature 0 --max_new_tokens 200
+"""
+
+import argparse
+import sys
+
+import jax
+
+from llm_jax.cli import run_main
+from llm_jax.errors import UserError
+from llm_jax.inference import load_model
+from llm_jax.sampling import generate, stream_text
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample from a trained llm_jax checkpoint.")
+    p.add_argument("--out_dir", default="out", help="the run directory train.py wrote")
+    p.add_argument("--ckpt", default="latest", choices=("latest", "best"))
+    p.add_argument("--prompt", default=None, help="the prompt text, or - to read stdin")
+    p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=200, help="0 means no top-k filtering")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def read_prompt(args, tokenizer) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt_file, not both")
+    if args.prompt_file is not None:
+        try:
+            return open(args.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {args.prompt_file!r}: {e}") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    if args.prompt is not None:
+        return args.prompt
+    return "<|endoftext|>" if tokenizer.eot_id is not None else "\n"
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
+        raise UserError("num_samples and max_new_tokens must be >= 1; temperature, top_k >= 0")
+    graphdef, params, config, tokenizer = load_model(args.out_dir, args.ckpt)
+    prompt = read_prompt(args, tokenizer)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty after tokenization")
+    if len(ids) > config.model.block_size:
+        print(f"note: the prompt has {len(ids)} tokens; keeping the last "
+              f"{config.model.block_size} (the context length)", file=sys.stderr)
+        ids = ids[-config.model.block_size:]
+    key = jax.random.key(args.seed)
+    for i in range(args.num_samples):
+        if i:
+            print("\n---------------")
+        sys.stdout.write(prompt)
+        tokens = generate(graphdef, params, ids, max_new_tokens=args.max_new_tokens,
+                          key=jax.random.fold_in(key, i), temperature=args.temperature,
+                          top_k=args.top_k, stop_id=tokenizer.eot_id)
+        for piece in stream_text(tokenizer, tokens):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,25 @@
+"""Train a GPT.
+
+    python train.py                          # the default small character model, built-in corpus
+    python train.py shakespeare_char         # a preset from configs/ (or a path to a .toml file)
+    python train.py --max_iters=200 --model.n_layer=2 --train.out_dir=out/try
+    python train.py --resume=true            # continue the run in out_dir
+
+Overrides are --section.key=value, or --key=value when the key name is unique; see
+llm_jax/config.py for every key.
+"""
+
+from llm_jax.cli import run_main
+from llm_jax.config import load_config
+from llm_jax.training import train
+
+
+def main(argv: list[str]) -> None:
+    config = load_config(argv)
+    summary = train(config)
+    print(f"done: {summary['steps']} steps, val loss {summary.get('val_loss', float('nan')):.4f}; "
+          f"checkpoints in {summary['out_dir']}")
+
+
+if __name__ == "__main__":
+    run_main(main)
