@@ -1,4 +1,4 @@
-"""The GPT-2 tokenizer equals OpenAI's vocabulary offline; the char tokenizer is exact and strict."""
+"""GPT-2's tokenizer reproduces OpenAI's vocabulary offline; the char tokenizer is exact, strict."""
 
 import json
 import random
