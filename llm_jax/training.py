@@ -162,6 +162,7 @@ def train(config: Config) -> dict:
 
     summary = {"start_step": start, "steps": t.max_iters}
     t_last, step_last, compile_s = time.perf_counter(), start, None
+    t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics = None
     for step in range(start, t.max_iters):
         batch = micro_batches(prepared.train, config, step)
@@ -185,7 +186,9 @@ def train(config: Config) -> dict:
                 step=done, loss=float(m["loss"]), lr=lr, grad_norm=float(m["grad_norm"]),
                 tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
         if done % t.eval_interval == 0 or done == t.max_iters:
+            t_eval = time.perf_counter()
             losses = evaluate(eval_step, params, prepared, config)
+            pause["eval"] += time.perf_counter() - t_eval
             improved = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
             log(f"step {done}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -193,16 +196,30 @@ def train(config: Config) -> dict:
                 val_loss=losses["val"])
             summary.update(train_loss=losses["train"], val_loss=losses["val"])
             if improved:
+                t0 = time.perf_counter()
                 ckpts.save(done, params, opt_state, meta_now(done, losses["val"]), best=True)
+                pause["ckpt"] += time.perf_counter() - t0
+            t_last += time.perf_counter() - t_eval  # keep evaluation out of the tokens/s figure
         if done % t.ckpt_interval == 0 or done == t.max_iters:
+            t0 = time.perf_counter()
             ckpts.save(done, params, opt_state, meta_now(done, summary.get("val_loss")))
+            pause["ckpt"] += time.perf_counter() - t0
+            t_last += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    t0 = time.perf_counter()
     ckpts.wait()
     ckpts.close()
-    summary.update(best_val_loss=best_val, out_dir=str(out_dir), params=params,
+    pause["ckpt_final_wait"] = time.perf_counter() - t0
+    wall = time.perf_counter() - t_run
+    log(f"{wall:.1f}s: compile {compile_s or 0:.1f}s, evaluation {pause['eval']:.1f}s, "
+        f"checkpoint saves blocked training {pause['ckpt']:.2f}s "
+        f"(+{pause['ckpt_final_wait']:.2f}s waiting for the last write)",
+        wall_s=wall, compile_s=compile_s, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],
+        ckpt_final_wait_s=pause["ckpt_final_wait"])
+    summary.update(wall_s=wall, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],best_val_loss=best_val, out_dir=str(out_dir), params=params,
                    opt_state=opt_state, final_loss=None if metrics is None
                    else float(jax.device_get(metrics["loss"])))
     return summary
