@@ -86,9 +86,10 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
-    """Convert a TOML or command-line value to the field's type, or raise UserError."""
-    if isinstance(value, str) and typ is not str:
+def _coerce(key: str, value: Any, typ: type, from_text: bool) -> Any:
+    """Convert a value to the field's type, or raise UserError. Only command-line values (text)
+    are parsed; a TOML value must already have the field's type (an int may stand for a float)."""
+    if from_text and isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
             if typ is bool:
@@ -109,8 +110,10 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     return value
 
 
-def apply(config: Config, updates: dict[str, dict[str, Any]], origin: str = "") -> Config:
-    """Return `config` with `updates` ({section: {key: value}}) applied and type-checked."""
+def apply(config: Config, updates: dict[str, dict[str, Any]], origin: str = "",
+          from_text: bool = False) -> Config:
+    """Return `config` with `updates` ({section: {key: value}}) applied and type-checked.
+    from_text: the values are command-line strings, to be parsed into each field's type."""
     where = f" in {origin}" if origin else ""
     parts = {}
     for section, values in updates.items():
@@ -123,7 +126,7 @@ def apply(config: Config, updates: dict[str, dict[str, Any]], origin: str = "") 
         for key, value in values.items():
             if key not in keys:
                 raise UserError(f"unknown config key {section}.{key}{where}{_suggest(key, keys)}")
-            changes[key] = _coerce(f"{section}.{key}", value, keys[key])
+            changes[key] = _coerce(f"{section}.{key}", value, keys[key], from_text)
         parts[section] = dataclasses.replace(getattr(config, section), **changes)
     config = dataclasses.replace(config, **parts)
     validate(config)
@@ -141,11 +144,16 @@ def validate(config: Config) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
-    for name in ("batch_size", "grad_accum", "eval_iters", "log_interval"):
+    for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval",
+                 "ckpt_interval"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-    if t.max_iters < 0:
-        raise UserError(f"train.max_iters must be at least 0, got {t.max_iters}")
+    for name in ("max_iters", "seed", "warmup_iters", "lr_decay_iters", "keep_last"):
+        if getattr(t, name) < 0:
+            raise UserError(f"train.{name} must be at least 0, got {getattr(t, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
+        if not getattr(t, name) >= 0:  # also rejects nan
+            raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
     if d.source not in ("builtin", "text", "shakespeare"):
         raise UserError(
             f"unknown data.source {d.source!r}: use builtin, text or shakespeare"
@@ -213,7 +221,8 @@ def load_config(argv: list[str], default_preset: str = "default") -> Config:
     preset = default_preset
     if argv and not argv[0].startswith("--"):
         preset, argv = argv[0], argv[1:]
-    return apply(load_preset(preset), parse_overrides(argv), origin="the command line")
+    return apply(load_preset(preset), parse_overrides(argv), origin="the command line",
+                 from_text=True)
 
 
 def from_dict(d: dict[str, dict[str, Any]], origin: str = "") -> Config:

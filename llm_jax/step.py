@@ -40,7 +40,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))

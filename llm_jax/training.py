@@ -130,7 +130,8 @@ def train(config: Config) -> dict:
         graphdef, abstract_params = gpt.abstract_params(mcfg)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         params, opt_state, meta = checkpoint.restore(out_dir, abstract_params, abstract_opt)
-        start, best_val = meta["step"], meta.get("best_val_loss", math.inf)
+        start = meta["step"]
+        best_val = math.inf if meta.get("best_val_loss") is None else meta["best_val_loss"]
     else:
         if (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
             raise UserError(f"out_dir {str(out_dir)!r} already holds checkpoints: pass "
