@@ -4,6 +4,7 @@
     python sample.py --out_dir out/shakespeare --prompt "ROMEO:" --num_samples 3
     echo "def main():" | python sample.py --prompt -    # prompt from stdin
     python sample.py --prompt_file prompt.txt --temperature 0 --max_new_tokens 200
+    python sample.py --init_from gpt2 --prompt "Hello"   # a Hugging Face GPT-2 directory
 """
 
 import argparse
@@ -13,14 +14,18 @@ import jax
 
 from llm_jax.cli import run_main
 from llm_jax.errors import UserError
+from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
 from llm_jax.sampling import generate, stream_text
+from llm_jax.tokenizers import gpt2_tokenizer
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample from a trained llm_jax checkpoint.")
     p.add_argument("--out_dir", default="out", help="the run directory train.py wrote")
     p.add_argument("--ckpt", default="latest", choices=("latest", "best"))
+    p.add_argument("--init_from", default="", help="instead of --out_dir: a Hugging Face GPT-2 "
+                   "directory (config.json + model.safetensors), with GPT-2's tokenizer")
     p.add_argument("--prompt", default=None, help="the prompt text, or - to read stdin")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
     p.add_argument("--num_samples", type=int, default=1)
@@ -50,15 +55,23 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         raise UserError("num_samples and max_new_tokens must be >= 1; temperature, top_k >= 0")
-    graphdef, params, config, tokenizer = load_model(args.out_dir, args.ckpt)
+    if args.init_from:
+        graphdef, params, model_cfg, tokenizer = load_pretrained(args.init_from)
+        tokenizer = tokenizer or gpt2_tokenizer()
+    else:
+        graphdef, params, config, tokenizer = load_model(args.out_dir, args.ckpt)
+        model_cfg = config.model
     prompt = read_prompt(args, tokenizer)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization")
-    if len(ids) > config.model.block_size:
+    if max(ids) >= model_cfg.vocab_size:
+        raise UserError(f"the prompt has token id {max(ids)}, outside the model's vocabulary of "
+                        f"{model_cfg.vocab_size}")
+    if len(ids) > model_cfg.block_size:
         print(f"note: the prompt has {len(ids)} tokens; keeping the last "
-              f"{config.model.block_size} (the context length)", file=sys.stderr)
-        ids = ids[-config.model.block_size:]
+              f"{model_cfg.block_size} (the context length)", file=sys.stderr)
+        ids = ids[-model_cfg.block_size:]
     key = jax.random.key(args.seed)
     for i in range(args.num_samples):
         if i:

@@ -56,7 +56,8 @@ def main() -> None:
     else:
         shape = dict(SHAPES[args.shape or "small"])
         batch_size = shape.pop("batch_size")
-        mcfg = gpt.ModelConfig(vocab_size=65, vocab_multiple=1, bias=False, dropout=0.0, **shape)
+        mcfg = gpt.ModelConfig(vocab_size=65, vocab_multiple=1, bias=False, dropout=0.0,
+                               scan_unroll=shape["n_layer"], **shape)  # as configs/tiny, small
         name = args.shape or "small"
     if args.dtype:
         mcfg = dataclasses.replace(mcfg, dtype=args.dtype)

@@ -58,6 +58,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (a last one is always written)
     keep_last: int = 2  # checkpoints kept, besides the best by val loss
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    init_from: str = ""  # "": from scratch; an HF GPT-2 dir or an llm_jax run dir: its weights
     progress: bool = True  # show a progress bar
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax import checkpoint, data
+from llm_jax import checkpoint, data, hf
 from llm_jax import model as gpt
 from llm_jax.config import Config
 from llm_jax.errors import UserError
@@ -51,6 +51,29 @@ def resolve_model_config(config: Config, tokenizer) -> Config:
         raise UserError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size})")
     return dataclasses.replace(config, model=m)
+
+
+def apply_init_from(config: Config, tokenizer) -> tuple[Config, dict | None]:
+    """train.init_from: the model's shape keys come from the source, its params too unless
+    resuming (the run then continues from its own checkpoint). Dropout, dtype and everything
+    else come from the run's config; the optimizer starts fresh at step 0."""
+    t = config.train
+    if t.resume:  # the shape was taken from the source when the run started: see the checkpoint
+        saved = checkpoint.read_meta(t.out_dir)["config"]["model"]
+        shape, params = {k: saved[k] for k in SHAPE_KEYS if k in saved}, None
+    else:
+        _, params, source, source_tokenizer = hf.load_pretrained(t.init_from,
+                                                                 config.model.vocab_multiple)
+        if source.vocab_size < tokenizer.vocab_size:
+            raise UserError(f"init_from {t.init_from!r} has a vocabulary of {source.vocab_size} "
+                            f"tokens, fewer than data.tokenizer={config.data.tokenizer} "
+                            f"({tokenizer.vocab_size})")
+        if source_tokenizer is not None and source_tokenizer.to_json() != tokenizer.to_json():
+            raise UserError(f"init_from {t.init_from!r} was trained with another tokenizer "
+                            f"({source_tokenizer.kind}, {source_tokenizer.vocab_size} tokens) "
+                            f"than data.tokenizer={config.data.tokenizer} gives for this data")
+        shape = {k: getattr(source, k) for k in SHAPE_KEYS}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **shape)), params
 
 
 def check_same_shape(saved: dict, wanted: gpt.ModelConfig, where: str) -> None:
@@ -108,6 +131,9 @@ def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
     prepared = data.prepare(config.data)
+    pretrained = None
+    if t.init_from:
+        config, pretrained = apply_init_from(config, prepared.tokenizer)
     config = resolve_model_config(config, prepared.tokenizer)
     mcfg = config.model
     for split in ("train", "val"):  # fail now, not at the first evaluation
@@ -136,7 +162,10 @@ def train(config: Config) -> dict:
         if (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
             raise UserError(f"out_dir {str(out_dir)!r} already holds checkpoints: pass "
                             "--resume=true to continue that run, or choose another --out_dir")
-        graphdef, params = gpt.init_params(mcfg, k_init)
+        if pretrained is not None:
+            graphdef, params = gpt.abstract_params(mcfg)[0], pretrained
+        else:
+            graphdef, params = gpt.init_params(mcfg, k_init)
         opt_state = tx.init(params)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -159,7 +188,8 @@ def train(config: Config) -> dict:
     log(f"model: {n_params / 1e6:.2f}M params, {flops_token / 1e6:.2f} MFLOPs/token; "
         f"{tokens_step} tokens/step; data: {prepared.meta['train_tokens']:,} train tokens; "
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}"
-        + (f"; resuming at step {start}" if start else ""))
+        + (f"; resuming at step {start}" if start else "")
+        + (f"; weights from {t.init_from}" if pretrained is not None else ""))
 
     summary = {"start_step": start, "steps": t.max_iters}
     t_last, step_last, compile_s = time.perf_counter(), start, None
