@@ -90,7 +90,8 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def read_config(directory, vocab_multiple: int = 64) -> gpt.ModelConfig:
-    """The ModelConfig of an HF GPT-2 directory's config.json (absent keys: GPT2Config's defaults)."""
+    """The ModelConfig of an HF GPT-2 directory's config.json (absent keys: GPT2Config's
+    defaults). Refuses what this model cannot compute exactly, naming the key."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"Hugging Face model directory {str(directory)!r} does not exist")
@@ -161,7 +162,8 @@ def _open_weights(directory: Path, stack: ExitStack) -> tuple[dict, Path]:
 
 
 def load_hf(directory, vocab_multiple: int = 64) -> tuple[gpt.ModelConfig, dict]:
-    """(ModelConfig, float32 params) from an HF GPT-2 directory (config.json + model.safetensors)."""
+    """(ModelConfig, float32 params) from an HF GPT-2 directory: config.json + model.safetensors
+    (or shards with an index). Names the file and tensor of anything missing or misshapen."""
     directory = Path(directory)
     cfg = read_config(directory, vocab_multiple)
     _, abstract = gpt.abstract_params(cfg)

@@ -25,6 +25,7 @@ from llm_jax.config import Config
 from llm_jax.errors import UserError
 from llm_jax.optim import learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
+from llm_jax.tokenizers import GPT2_VOCAB_SIZE
 
 # Dense bf16 peak FLOP/s of known accelerators, by a substring of jax's device_kind.
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "TPU v4": 275,
@@ -68,6 +69,10 @@ def apply_init_from(config: Config, tokenizer) -> tuple[Config, dict | None]:
             raise UserError(f"init_from {t.init_from!r} has a vocabulary of {source.vocab_size} "
                             f"tokens, fewer than data.tokenizer={config.data.tokenizer} "
                             f"({tokenizer.vocab_size})")
+        if (source_tokenizer is None and source.vocab_size == GPT2_VOCAB_SIZE
+                and tokenizer.kind != "gpt2"):  # GPT-2's weights expect GPT-2's token ids
+            raise UserError(f"init_from {t.init_from!r} has GPT-2's vocabulary: set "
+                            f"data.tokenizer=gpt2 (it is {config.data.tokenizer})")
         if source_tokenizer is not None and source_tokenizer.to_json() != tokenizer.to_json():
             raise UserError(f"init_from {t.init_from!r} was trained with another tokenizer "
                             f"({source_tokenizer.kind}, {source_tokenizer.vocab_size} tokens) "
