@@ -16,7 +16,7 @@ from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
-from llm_jax.sampling import generate, stream_text
+from llm_jax.sampling import cut_at_stop, generate, generate_batch, stream_text
 from llm_jax.tokenizers import gpt2_tokenizer
 
 
@@ -32,6 +32,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top_k", type=int, default=200, help="0 means no top-k filtering")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 means off")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop when this text appears (repeatable); it is not printed")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
 
@@ -72,18 +75,29 @@ def main(argv: list[str]) -> None:
         print(f"note: the prompt has {len(ids)} tokens; keeping the last "
               f"{model_cfg.block_size} (the context length)", file=sys.stderr)
         ids = ids[-model_cfg.block_size:]
+    if not 0 < args.top_p <= 1:
+        raise UserError("top_p must be in (0, 1]")
     key = jax.random.key(args.seed)
-    for i in range(args.num_samples):
+    options = dict(max_new_tokens=args.max_new_tokens, key=key, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, stop_id=tokenizer.eot_id)
+    if args.num_samples == 1:  # stream to stdout as the tokens come
+        sys.stdout.write(prompt)
+        shown = ""
+        for piece in stream_text(tokenizer, generate(graphdef, params, ids, **options)):
+            text, stopped = cut_at_stop(shown + piece, args.stop)
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+            if stopped:
+                break
+        print()
+        return
+    # Several samples: one batch; each is printed whole, in order, once the batch is done.
+    outs = generate_batch(graphdef, params, [ids] * args.num_samples, **options)
+    for i, out in enumerate(outs):
         if i:
             print("\n---------------")
-        sys.stdout.write(prompt)
-        tokens = generate(graphdef, params, ids, max_new_tokens=args.max_new_tokens,
-                          key=jax.random.fold_in(key, i), temperature=args.temperature,
-                          top_k=args.top_k, stop_id=tokenizer.eot_id)
-        for piece in stream_text(tokenizer, tokens):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
+        print(prompt + cut_at_stop(tokenizer.decode(out), args.stop)[0])
 
 
 if __name__ == "__main__":

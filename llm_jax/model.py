@@ -17,6 +17,10 @@ Design choices:
 - Inside the blocks the residual stream is a 2-D (B*T, D) array of rows: XLA's CPU backend
   computes the weight gradient of a 2-D matmul about twice as fast as that of a (B, T, D) one.
   Only attention looks at the sequence axis.
+- `forward_cached` is the generation path: it runs new tokens against a preallocated key/value
+  cache (L, B, S, H, K) with S = block_size, explicit position ids and a (B, S) mask of valid
+  cache slots, so prompts of different lengths share one batch (left padding). It reuses the
+  same params; `forward` is untouched.
 - Params are float32; `dtype` sets the compute dtype; softmax and logits are float32.
 - The embedding table may be padded (50257 -> 50304 rows) for faster matmuls; the logits are cut
   back to `vocab_size`, so padding never changes results.
@@ -169,6 +173,54 @@ class GPT(nnx.Module):
     def __call__(self, idx_BT, key=None):
         k_embd, k_blocks = jax.random.split(key) if key is not None else (None, None)
         return self.forward_embeddings(self.embed(idx_BT, k_embd), k_blocks)
+
+
+def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, cache: dict,
+                   valid_BS):
+    """Run T new tokens written at cache slots [start, start + T) -> (logits (B, T, V), cache).
+
+    cache: {"k", "v"} of shape (L, B, S, H, K). pos_BT: each token's position id. valid_BS: which
+    slots hold real tokens (after this call's writes). A query at slot start + t sees the slots
+    s <= start + t that are valid: causal over the cache plus the padding mask.
+    """
+    model = merge(graphdef, params)
+    cfg = model.cfg
+    B, T = idx_BT.shape
+    S = cache["k"].shape[2]
+    x_ND = (model.wte(idx_BT) + model.wpe(pos_BT)).reshape(B * T, cfg.n_embd)
+    slots_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+    visible_BTS = slots_TS[None] & valid_BS[:, None, :]
+    block_def, block_state = nnx.split(model.h)
+
+    def layer(x_ND, xs):
+        state, k_BSHK, v_BSHK = xs
+        blk = nnx.merge(block_def, state)
+        q, k, v = jnp.split(blk.attn.c_attn(blk.ln_1(x_ND)), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_BSHK, k.astype(k_BSHK.dtype), start, 1)
+        v_BSHK = jax.lax.dynamic_update_slice_in_dim(v_BSHK, v.astype(v_BSHK.dtype), start, 1)
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(q.dtype))
+        scores_BHTS = scores_BHTS.astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        # A finite floor, not -inf: a padding query sees no slot and must not turn into NaN
+        # (it would then poison the cache through 0 * NaN).
+        scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_ND.dtype)
+        y_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK.astype(x_ND.dtype))
+        x_ND = x_ND + blk.attn.c_proj(y_BTHK.reshape(B * T, cfg.n_embd))
+        x_ND = x_ND + blk.mlp(blk.ln_2(x_ND))
+        return x_ND, (k_BSHK, v_BSHK)
+
+    x_ND, (k_L, v_L) = jax.lax.scan(layer, x_ND, (block_state, cache["k"], cache["v"]),
+                                    unroll=cfg.scan_unroll)
+    logits_NV = model.wte.attend(model.ln_f(x_ND))
+    logits_BTV = logits_NV[:, : cfg.vocab_size].astype(jnp.float32).reshape(B, T, -1)
+    return logits_BTV, {"k": k_L, "v": v_L}
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> dict:
+    """An empty key/value cache: {"k", "v"} of shape (L, B, block_size, H, K) in the compute dtype."""
+    shape = (cfg.n_layer, batch, cfg.block_size, cfg.n_head, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
 def init_params(cfg: ModelConfig, key) -> tuple[nnx.GraphDef, dict]:
