@@ -16,7 +16,7 @@ from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
-from llm_jax.sampling import cut_at_stop, generate, generate_batch, stream_text
+from llm_jax.sampling import beam_search, cut_at_stop, generate, generate_batch, stream_text
 from llm_jax.tokenizers import gpt2_tokenizer
 
 
@@ -35,6 +35,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 means off")
     p.add_argument("--stop", action="append", default=[],
                    help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument("--beam", type=int, default=0, help="beam search with this width (> 1): "
+                   "deterministic, ignores temperature/top_k/top_p, prints one result")
+    p.add_argument("--length_penalty", type=float, default=1.0,
+                   help="beam search score: logp / length**length_penalty")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
 
@@ -78,6 +82,12 @@ def main(argv: list[str]) -> None:
     if not 0 < args.top_p <= 1:
         raise UserError("top_p must be in (0, 1]")
     key = jax.random.key(args.seed)
+    if args.beam > 1:
+        out = beam_search(graphdef, params, ids, beam=args.beam,
+                          max_new_tokens=min(args.max_new_tokens, model_cfg.block_size - 1),
+                          length_penalty=args.length_penalty, stop_id=tokenizer.eot_id)
+        print(prompt + cut_at_stop(tokenizer.decode(out), args.stop)[0])
+        return
     options = dict(max_new_tokens=args.max_new_tokens, key=key, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_id=tokenizer.eot_id)
     if args.num_samples == 1:  # stream to stdout as the tokens come
