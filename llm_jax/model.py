@@ -75,16 +75,27 @@ def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs):
     return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs)
 
 
+def attention(q_BTHK, k_BSHK, v_BSHK, visible_BTS, key=None, rate: float = 0.0):
+    """softmax(Q K^T / sqrt(K) + mask) V, written out as the formula reads.
+
+    visible_BTS (broadcastable) says which keys each query may see. Hidden scores get a finite
+    floor rather than -inf, so that a query that sees nothing (a padding slot of the KV cache)
+    gives zeros instead of NaN; wherever a query sees a key the result is the same.
+    """
+    K = q_BTHK.shape[3]
+    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32)
+    scores_BHTS = scores_BHTS / math.sqrt(K)
+    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+    weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+    weights_BHTS = dropout(weights_BHTS, rate, key).astype(v_BSHK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
+
+
 def causal_attention(q_BTHK, k_BTHK, v_BTHK, key=None, rate: float = 0.0):
-    """softmax(Q K^T / sqrt(K) + causal mask) V, written out as the formula reads."""
-    T, K = q_BTHK.shape[1], q_BTHK.shape[3]
-    scores_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK).astype(jnp.float32)
-    scores_BHTT = scores_BHTT / math.sqrt(K)
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    scores_BHTT = jnp.where(causal_TT, scores_BHTT, -jnp.inf)
-    weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1)
-    weights_BHTT = dropout(weights_BHTT, rate, key).astype(v_BTHK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", weights_BHTT, v_BTHK)
+    """Self-attention where position t sees positions 0..t."""
+    T = q_BTHK.shape[1]
+    causal_1TT = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    return attention(q_BTHK, k_BTHK, v_BTHK, causal_1TT, key, rate)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -167,8 +178,12 @@ class GPT(nnx.Module):
 
         x_ND, _ = jax.lax.scan(layer, x_BTD.reshape(B * T, D), (block_state, keys_L),
                                unroll=self.cfg.scan_unroll)
+        return self.head(x_ND).reshape(B, T, -1)
+
+    def head(self, x_ND):
+        """Final LayerNorm and the tied output head: (N, D) -> float32 logits (N, V)."""
         logits_NV = self.wte.attend(self.ln_f(x_ND))
-        return logits_NV[:, : self.cfg.vocab_size].astype(jnp.float32).reshape(B, T, -1)
+        return logits_NV[:, : self.cfg.vocab_size].astype(jnp.float32)
 
     def __call__(self, idx_BT, key=None):
         k_embd, k_blocks = jax.random.split(key) if key is not None else (None, None)
@@ -199,22 +214,14 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
         q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_BSHK, k.astype(k_BSHK.dtype), start, 1)
         v_BSHK = jax.lax.dynamic_update_slice_in_dim(v_BSHK, v.astype(v_BSHK.dtype), start, 1)
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(q.dtype))
-        scores_BHTS = scores_BHTS.astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        # A finite floor, not -inf: a padding query sees no slot and must not turn into NaN
-        # (it would then poison the cache through 0 * NaN).
-        scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_ND.dtype)
-        y_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK.astype(x_ND.dtype))
+        y_BTHK = attention(q, k_BSHK.astype(q.dtype), v_BSHK.astype(q.dtype), visible_BTS)
         x_ND = x_ND + blk.attn.c_proj(y_BTHK.reshape(B * T, cfg.n_embd))
         x_ND = x_ND + blk.mlp(blk.ln_2(x_ND))
         return x_ND, (k_BSHK, v_BSHK)
 
     x_ND, (k_L, v_L) = jax.lax.scan(layer, x_ND, (block_state, cache["k"], cache["v"]),
                                     unroll=cfg.scan_unroll)
-    logits_NV = model.wte.attend(model.ln_f(x_ND))
-    logits_BTV = logits_NV[:, : cfg.vocab_size].astype(jnp.float32).reshape(B, T, -1)
-    return logits_BTV, {"k": k_L, "v": v_L}
+    return model.head(x_ND).reshape(B, T, -1), {"k": k_L, "v": v_L}
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> dict:
