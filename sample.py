@@ -16,7 +16,8 @@ from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
-from llm_jax.sampling import beam_search, cut_at_stop, generate, generate_batch, stream_text
+from llm_jax.sampling import (beam_search, cut_at_stop, generate, generate_batch, stop_strings,
+                              stream_text)
 from llm_jax.tokenizers import gpt2_tokenizer
 
 
@@ -89,7 +90,8 @@ def main(argv: list[str]) -> None:
         print(prompt + cut_at_stop(tokenizer.decode(out), args.stop)[0])
         return
     options = dict(max_new_tokens=args.max_new_tokens, key=key, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, stop_id=tokenizer.eot_id)
+                   top_k=args.top_k, top_p=args.top_p, stop_id=tokenizer.eot_id,
+                   stop=stop_strings(tokenizer, args.stop))
     if args.num_samples == 1:  # stream to stdout as the tokens come
         sys.stdout.write(prompt)
         shown = ""

@@ -18,9 +18,9 @@ Design choices:
   computes the weight gradient of a 2-D matmul about twice as fast as that of a (B, T, D) one.
   Only attention looks at the sequence axis.
 - `forward_cached` is the generation path: it runs new tokens against a preallocated key/value
-  cache (L, B, S, H, K) with S = block_size, explicit position ids and a (B, S) mask of valid
-  cache slots, so prompts of different lengths share one batch (left padding). It reuses the
-  same params; `forward` is untouched.
+  cache of S = block_size slots, with explicit position ids and a (B, S) mask of valid cache
+  slots, so prompts of different lengths share one batch (left padding). It reuses the same
+  params; `forward` is untouched.
 - Params are float32; `dtype` sets the compute dtype; softmax and logits are float32.
 - The embedding table may be padded (50257 -> 50304 rows) for faster matmuls; the logits are cut
   back to `vocab_size`, so padding never changes results.
@@ -190,44 +190,66 @@ class GPT(nnx.Module):
         return self.forward_embeddings(self.embed(idx_BT, k_embd), k_blocks)
 
 
+def split_layers(params: dict) -> list[dict]:
+    """The stacked block params (leading axis L) as a list of L per-layer dicts.
+
+    A decode loop slices them once, outside the loop: XLA on CPU copies a slice of the stacked
+    weights wherever it is taken, so slicing inside every decode step would read the weights
+    twice per token.
+    """
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(n_layer)]
+
+
 def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, cache: dict,
-                   valid_BS):
+                   valid_BS, layers: list[dict] | None = None):
     """Run T new tokens written at cache slots [start, start + T) -> (logits (B, T, V), cache).
 
-    cache: {"k", "v"} of shape (L, B, S, H, K). pos_BT: each token's position id. valid_BS: which
-    slots hold real tokens (after this call's writes). A query at slot start + t sees the slots
-    s <= start + t that are valid: causal over the cache plus the padding mask.
+    cache: {"k": (L, B, H, K, S), "v": (L, B, H, S, K)} (`init_cache`). pos_BT: each token's
+    position id. valid_BS: which slots hold real tokens (after this call's writes). A query at
+    slot start + t sees the slots s <= start + t that are valid: causal over the cache plus the
+    padding mask. layers: `split_layers(params)`, when the caller has sliced them already.
+
+    The layers run as a Python loop (not a scan) over one stacked cache updated in place, and
+    keys are cached transposed, (K, S) per head: the layout the CPU's matrix-vector product
+    wants for q . k, so no step copies the cache (measured: the (S, H, K) layout of `forward`
+    made XLA transpose every layer's cache at every step, most of a step's time at batch 64).
     """
     model = merge(graphdef, params)
     cfg = model.cfg
+    layers = split_layers(params) if layers is None else layers
     B, T = idx_BT.shape
-    S = cache["k"].shape[2]
-    x_ND = (model.wte(idx_BT) + model.wpe(pos_BT)).reshape(B * T, cfg.n_embd)
+    H, K, D = cfg.n_head, cfg.head_dim, cfg.n_embd
+    S = cache["v"].shape[3]
+    x_ND = (model.wte(idx_BT) + model.wpe(pos_BT)).reshape(B * T, D)
     slots_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
-    visible_BTS = slots_TS[None] & valid_BS[:, None, :]
-    block_def, block_state = nnx.split(model.h)
-
-    def layer(x_ND, xs):
-        state, k_BSHK, v_BSHK = xs
-        blk = nnx.merge(block_def, state)
+    visible_B1TS = (slots_TS[None] & valid_BS[:, None, :])[:, None]
+    block_def, _ = nnx.split(model.h)
+    k_cache, v_cache = cache["k"], cache["v"]
+    for layer, state in enumerate(layers):
+        blk = nnx.merge(block_def, nnx.State(state))
         q, k, v = jnp.split(blk.attn.c_attn(blk.ln_1(x_ND)), 3, axis=-1)
-        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
-        k_BSHK = jax.lax.dynamic_update_slice_in_dim(k_BSHK, k.astype(k_BSHK.dtype), start, 1)
-        v_BSHK = jax.lax.dynamic_update_slice_in_dim(v_BSHK, v.astype(v_BSHK.dtype), start, 1)
-        y_BTHK = attention(q, k_BSHK.astype(q.dtype), v_BSHK.astype(q.dtype), visible_BTS)
-        x_ND = x_ND + blk.attn.c_proj(y_BTHK.reshape(B * T, cfg.n_embd))
+        q_BHTK, k_BHTK, v_BHTK = (t.reshape(B, T, H, K).transpose(0, 2, 1, 3) for t in (q, k, v))
+        k_cache = jax.lax.dynamic_update_slice(
+            k_cache, k_BHTK.transpose(0, 1, 3, 2)[None].astype(k_cache.dtype),
+            (layer, 0, 0, 0, start))
+        v_cache = jax.lax.dynamic_update_slice(
+            v_cache, v_BHTK[None].astype(v_cache.dtype), (layer, 0, 0, start, 0))
+        scores_BHTS = jnp.einsum("bhtk,bhks->bhts", q_BHTK, k_cache[layer].astype(q.dtype))
+        scores_BHTS = scores_BHTS.astype(jnp.float32) / math.sqrt(K)
+        scores_BHTS = jnp.where(visible_B1TS, scores_BHTS, jnp.finfo(jnp.float32).min)
+        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(q.dtype)
+        y_BHTK = jnp.einsum("bhts,bhsk->bhtk", weights_BHTS, v_cache[layer].astype(q.dtype))
+        x_ND = x_ND + blk.attn.c_proj(y_BHTK.transpose(0, 2, 1, 3).reshape(B * T, D))
         x_ND = x_ND + blk.mlp(blk.ln_2(x_ND))
-        return x_ND, (k_BSHK, v_BSHK)
-
-    x_ND, (k_L, v_L) = jax.lax.scan(layer, x_ND, (block_state, cache["k"], cache["v"]),
-                                    unroll=cfg.scan_unroll)
-    return model.head(x_ND).reshape(B, T, -1), {"k": k_L, "v": v_L}
+    return model.head(x_ND).reshape(B, T, -1), {"k": k_cache, "v": v_cache}
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> dict:
-    """An empty key/value cache: {"k", "v"} of shape (L, B, block_size, H, K) in the compute dtype."""
-    shape = (cfg.n_layer, batch, cfg.block_size, cfg.n_head, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    """An empty key/value cache in the compute dtype: keys (L, B, H, K, S), values (L, B, H, S, K)."""
+    L, H, K, S = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
+    return {"k": jnp.zeros((L, batch, H, K, S), cfg.dtype),
+            "v": jnp.zeros((L, batch, H, S, K), cfg.dtype)}
 
 
 def init_params(cfg: ModelConfig, key) -> tuple[nnx.GraphDef, dict]:

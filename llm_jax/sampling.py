@@ -4,7 +4,7 @@ Shapes: B batch (prompts, or prompts x beams), P padded prompt length, S cache s
 (= block_size), N decode steps per chunk, V vocabulary, L layers, H heads, K head dim.
 
 Design choices:
-- The cache is preallocated, (L, B, S, H, K) for keys and for values (`model.init_cache`), so
+- The cache is preallocated, S = block_size slots per row (`model.init_cache`), so
   every step has the same shapes and compiles once. Prompts of different lengths are
   left-padded to one length P (rounded up to a power of two, so few prefill shapes compile); a
   (B, S) mask of valid slots hides the padding and position ids count real tokens only, so a
@@ -33,7 +33,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import jax
@@ -61,22 +61,27 @@ def choose_token(logits_BV, key, temperature, top_k: int = 0, top_p=1.0):
     return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
+_split_layers = jax.jit(gpt.split_layers)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "top_k"))
-def _prefill(graphdef, params, idx_BP, mask_BP, key, temperature, top_k: int, top_p):
+def _prefill(graphdef, params, layers, idx_BP, mask_BP, key, temperature, top_k: int, top_p):
     B, P = idx_BP.shape
     cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B)
-    S = cache["k"].shape[2]
+    S = cache["v"].shape[3]
     pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
     valid_BS = jnp.zeros((B, S), bool).at[:, :P].set(mask_BP.astype(bool))
-    logits_BPV, cache = gpt.forward_cached(graphdef, params, idx_BP, pos_BP, 0, cache, valid_BS)
+    logits_BPV, cache = gpt.forward_cached(graphdef, params, idx_BP, pos_BP, 0, cache, valid_BS,
+                                           layers)
     token_B = choose_token(logits_BPV[:, -1], key, temperature, top_k, top_p)
     state = {"cache": cache, "valid": valid_BS, "token": token_B, "pos": pos_BP[:, -1] + 1,
              "slot": jnp.int32(P)}
     return token_B, state
 
 
-@partial(jax.jit, static_argnames=("graphdef", "top_k", "steps"))
-def _decode_chunk(graphdef, params, state, key, step0, temperature, top_k: int, top_p, steps: int):
+@partial(jax.jit, static_argnames=("graphdef", "top_k", "steps"), donate_argnames=("state",))
+def _decode_chunk(graphdef, params, layers, state, key, step0, temperature, top_k: int, top_p,
+                  steps: int):
     """`steps` decode steps in one scan: feed the last token, choose the next. -> (tokens NB, state)."""
 
     def step(state, i):
@@ -84,7 +89,7 @@ def _decode_chunk(graphdef, params, state, key, step0, temperature, top_k: int, 
         valid_BS = state["valid"].at[:, slot].set(True)
         logits_B1V, cache = gpt.forward_cached(graphdef, params, state["token"][:, None],
                                                state["pos"][:, None], slot, state["cache"],
-                                               valid_BS)
+                                               valid_BS, layers)
         token_B = choose_token(logits_B1V[:, 0], jax.random.fold_in(key, step0 + i),
                                temperature, top_k, top_p)
         new = {"cache": cache, "valid": valid_BS, "token": token_B, "pos": state["pos"] + 1,
@@ -107,10 +112,13 @@ def _pad_left(rows: list[list[int]], cap: int) -> tuple[np.ndarray, np.ndarray]:
 
 def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, key,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           stop_id: int | None = None, chunk: int = 16) -> Iterator[list[list[int]]]:
+           stop_id: int | None = None, stop: Callable[[list[int]], bool] | None = None,
+           chunk: int = 16) -> Iterator[list[list[int]]]:
     """Generate for a batch of prompts; yield, per chunk, the new tokens of each row.
 
-    A row stops after `stop_id` (included) or max_new_tokens; the generator ends when all have.
+    A row stops after `stop_id` (included), after max_new_tokens, or once `stop(new_tokens)`
+    is true (checked after every token on the host, e.g. "the decoded text holds a stop
+    string"); the generator ends when all rows have stopped.
     """
     if not prompts or any(not p for p in prompts):
         raise UserError("the prompt is empty: give at least one token")
@@ -122,6 +130,7 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     top_p = float(top_p)
+    layers = _split_layers(params)  # once per call: every decode step reads these
 
     def take(tokens_NB) -> list[list[int]]:
         new = [[] for _ in prompts]
@@ -132,11 +141,12 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
                 new[b].append(t)
                 rows[b].append(t)
                 out[b].append(t)
-                done[b] = t == stop_id or len(out[b]) >= max_new_tokens
+                done[b] = (t == stop_id or len(out[b]) >= max_new_tokens
+                           or (stop is not None and stop(out[b])))
         return new
 
     idx, mask = _pad_left(rows, S + 1 - max_new_tokens)  # no padding that would force a slide
-    token_B, state = _prefill(graphdef, params, idx, mask, jax.random.fold_in(key, 0),
+    token_B, state = _prefill(graphdef, params, layers, idx, mask, jax.random.fold_in(key, 0),
                               temperature, top_k, top_p)
     yield take(np.asarray(token_B)[None])
     slot, n = idx.shape[1], 1  # the next free cache slot; tokens chosen so far per row
@@ -145,23 +155,25 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
             # Slide: prefill the last S // 2 - 1 tokens before the newest into a fresh cache,
             # then feed the newest one as usual (the prefill's own choice is not used).
             idx, mask = _pad_left([r[:-1][-(S // 2 - 1):] for r in rows], S - chunk)
-            _, state = _prefill(graphdef, params, idx, mask, key, temperature, top_k, top_p)
+            _, state = _prefill(graphdef, params, layers, idx, mask, key, temperature, top_k,
+                                top_p)
             state["token"] = jnp.asarray([r[-1] for r in rows], jnp.int32)
             slot = idx.shape[1]
         steps = min(chunk, S - slot)  # a shorter last chunk before the cache is full
-        tokens_NB, state = _decode_chunk(graphdef, params, state, key, n, temperature, top_k,
-                                         top_p, steps=steps)
+        tokens_NB, state = _decode_chunk(graphdef, params, layers, state, key, n, temperature,
+                                         top_k, top_p, steps=steps)
         slot, n = slot + steps, n + steps
         yield take(np.asarray(tokens_NB))
 
 
 def generate(graphdef, params, prompt: list[int], *, max_new_tokens: int, key,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_id: int | None = None, chunk: int = 16) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids continuing `prompt` (stops after `stop_id`)."""
+             stop_id: int | None = None, stop: Callable[[list[int]], bool] | None = None,
+             chunk: int = 16) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids continuing `prompt` (see `stream` for stops)."""
     for new in stream(graphdef, params, [prompt], max_new_tokens=max_new_tokens, key=key,
                       temperature=temperature, top_k=top_k, top_p=top_p, stop_id=stop_id,
-                      chunk=chunk):
+                      stop=stop, chunk=chunk):
         yield from new[0]
 
 
@@ -180,11 +192,23 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def stop_strings(tokenizer, stops: list[str]) -> Callable[[list[int]], bool] | None:
+    """A `stop` test for `stream`: true once the decoded tokens contain one of `stops`."""
+    stops = [t for t in stops if t]
+    if not stops:
+        return None
+    return lambda ids: any(t in tokenizer.decode(ids) for t in stops)
+
+
 def generate_text(tokenizer, graphdef, params, prompts: list[str], *, stop: list[str] = (),
                   **kw) -> list[str]:
-    """Text in, text out, for notebooks: each prompt's continuation, cut at a stop string."""
+    """Text in, text out, for notebooks: each prompt's continuation, cut before a stop string.
+
+    Keyword arguments as `stream` (max_new_tokens, key, temperature, top_k, top_p, chunk);
+    generation ends at the tokenizer's end-of-text token or when a stop string appears.
+    """
     ids = generate_batch(graphdef, params, [tokenizer.encode(p) for p in prompts],
-                         stop_id=tokenizer.eot_id, **kw)
+                         stop_id=tokenizer.eot_id, stop=stop_strings(tokenizer, list(stop)), **kw)
     return [cut_at_stop(tokenizer.decode(i), list(stop))[0] for i in ids]
 
 
@@ -204,75 +228,113 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(shown):]
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _beam_prefill(graphdef, params, idx_BP):
+@partial(jax.jit, static_argnames=("graphdef", "beam", "steps"))
+def _beam_search(graphdef, params, layers, idx_BP, mask_BP, stop_id, length_penalty,
+                 beam: int, steps: int):
+    """Beam search for B left-padded prompts, all `steps` in one `lax.while_loop`.
+
+    -> (tokens (B, K, steps), lengths (B, K), scores (B, K)): the finished sequences, best first.
+    Rows of the cache are prompt-major, B*K of them (prompt b's beams at b*K ... b*K + K-1).
+    """
     B, P = idx_BP.shape
-    cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B)
-    valid_BS = jnp.zeros((B, cache["k"].shape[2]), bool).at[:, :P].set(True)
-    pos_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
-    logits_BPV, cache = gpt.forward_cached(graphdef, params, idx_BP, pos_BP, 0, cache, valid_BS)
-    state = {"cache": cache, "valid": valid_BS, "pos": pos_BP[:, -1] + 1, "slot": jnp.int32(P)}
-    return jax.nn.log_softmax(logits_BPV[:, -1]), state
+    K = beam
+    NEG = jnp.float32(-jnp.inf)
+    idx_RP, mask_RP = jnp.repeat(idx_BP, K, axis=0), jnp.repeat(mask_BP, K, axis=0)
+    cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B * K)
+    S = cache["v"].shape[3]
+    pos_RP = jnp.maximum(jnp.cumsum(mask_RP, axis=1) - 1, 0)
+    valid_RS = jnp.zeros((B * K, S), bool).at[:, :P].set(mask_RP.astype(bool))
+    logits_RPV, cache = gpt.forward_cached(graphdef, params, idx_RP, pos_RP, 0, cache, valid_RS,
+                                           layers)
+    V = logits_RPV.shape[-1]
+
+    def norm(score, length):
+        return score / length.astype(jnp.float32) ** length_penalty
+
+    def cond(c):
+        t = c["t"]
+        # No alive beam can still beat the worst kept finished one: score / length**penalty
+        # only falls as tokens are added, so its best is at the next or at the last length.
+        bound_B = jnp.maximum(norm(c["alive_score"][:, 0], t + 1),
+                              norm(c["alive_score"][:, 0], jnp.int32(steps)))
+        settled = jnp.all(c["fin_score"][:, -1] > bound_B)
+        return (t < steps) & ~settled & jnp.any(c["alive_score"] > NEG)
+
+    def body(c):
+        t = c["t"]
+        logp_BKV = jax.nn.log_softmax(c["logits"], axis=-1).reshape(B, K, V)
+        cand_BKV = c["alive_score"][:, :, None] + logp_BKV
+        # The 2K best candidates: enough for K to survive even if K of them end here.
+        cand_BX, i_BX = jax.lax.top_k(cand_BKV.reshape(B, K * V), min(2 * K, K * V))
+        parent_BX, token_BX = i_BX // V, i_BX % V
+        seq_BXN = jnp.take_along_axis(c["seq"], parent_BX[..., None], axis=1)
+        seq_BXN = seq_BXN.at[:, :, t].set(token_BX)
+        ends_BX = (token_BX == stop_id) | (t == steps - 1)
+        # Finished: those that end here join the K best finished sequences so far.
+        all_score = jnp.concatenate([c["fin_score"], jnp.where(ends_BX, norm(cand_BX, t + 1),
+                                                               NEG)], axis=1)
+        all_seq = jnp.concatenate([c["fin_seq"], seq_BXN], axis=1)
+        all_len = jnp.concatenate([c["fin_len"], jnp.full(ends_BX.shape, t + 1, jnp.int32)],
+                                  axis=1)
+        fin_score, keep_BK = jax.lax.top_k(all_score, K)
+        fin_seq = jnp.take_along_axis(all_seq, keep_BK[..., None], axis=1)
+        fin_len = jnp.take_along_axis(all_len, keep_BK, axis=1)
+        # Alive: the K best of the others, by summed log-probability.
+        alive_score, keep_BK = jax.lax.top_k(jnp.where(ends_BX, NEG, cand_BX), K)
+        parent_BK = jnp.take_along_axis(parent_BX, keep_BK, axis=1)
+        token_BK = jnp.take_along_axis(token_BX, keep_BK, axis=1)
+        seq = jnp.take_along_axis(seq_BXN, keep_BK[..., None], axis=1)
+        # Feed the survivors' tokens to the cache rows of their parents.
+        rows_R = (jnp.arange(B)[:, None] * K + parent_BK).reshape(B * K)
+        cache = jax.tree.map(lambda x: x[:, rows_R], c["cache"])
+        slot = P + t
+        valid_RS = c["valid"][rows_R].at[:, slot].set(True)
+        pos_R = c["pos"][rows_R]
+        logits_R1V, cache = gpt.forward_cached(graphdef, params, token_BK.reshape(B * K, 1),
+                                               pos_R[:, None], slot, cache, valid_RS, layers)
+        return {"t": t + 1, "logits": logits_R1V[:, 0], "cache": cache, "valid": valid_RS,
+                "pos": pos_R + 1, "alive_score": alive_score, "seq": seq,
+                "fin_score": fin_score, "fin_seq": fin_seq, "fin_len": fin_len}
+
+    # At first the K rows of a prompt are copies: only beam 0 is alive, so no sequence repeats.
+    alive0 = jnp.full((B, K), NEG).at[:, 0].set(0.0)
+    c = {"t": jnp.int32(0), "logits": logits_RPV[:, -1], "cache": cache, "valid": valid_RS,
+         "pos": pos_RP[:, -1] + 1, "alive_score": alive0,
+         "seq": jnp.zeros((B, K, steps), jnp.int32), "fin_score": jnp.full((B, K), NEG),
+         "fin_seq": jnp.zeros((B, K, steps), jnp.int32), "fin_len": jnp.zeros((B, K), jnp.int32)}
+    c = jax.lax.while_loop(cond, body, c)
+    return c["fin_seq"], c["fin_len"], c["fin_score"]
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _beam_step(graphdef, params, state, parent_B, token_B):
-    """Reorder the cache rows to the surviving beams' parents, feed their new tokens."""
-    cache = jax.tree.map(lambda c: c[:, parent_B], state["cache"])
-    slot = state["slot"]
-    valid_BS = state["valid"][parent_B].at[:, slot].set(True)
-    logits_B1V, cache = gpt.forward_cached(graphdef, params, token_B[:, None],
-                                           state["pos"][parent_B][:, None], slot, cache,
-                                           valid_BS)
-    state = {"cache": cache, "valid": valid_BS, "pos": state["pos"][parent_B] + 1,
-             "slot": slot + 1}
-    return jax.nn.log_softmax(logits_B1V[:, 0]), state
+def beam_search_batch(graphdef, params, prompts: list[list[int]], *, beam: int,
+                      max_new_tokens: int, length_penalty: float = 1.0,
+                      stop_id: int | None = None) -> list[list[int]]:
+    """For each prompt, the best continuation by logp / length**length_penalty.
+
+    K = `beam` partial sequences survive each step (the K best by summed log-probability,
+    among candidates that do not end); a candidate ending in `stop_id` (its length counts the
+    stop token) or reaching max_new_tokens is finished, and the K best finished sequences by
+    normalised score are kept. The loop stops early once no alive beam can beat them.
+    Costs K rows of the cached model per prompt and a top-K over K x V candidates per step.
+    """
+    S = params["wpe"]["embedding"].shape[0]
+    if not prompts or any(not p for p in prompts) or beam < 1 or max_new_tokens < 1:
+        raise UserError("beam search needs prompts, a beam width >= 1 and max_new_tokens >= 1")
+    if max_new_tokens >= S:
+        raise UserError(f"beam search needs max_new_tokens < block_size ({S})")
+    rows = [list(p[-(S - max_new_tokens):]) for p in prompts]  # prompt + new tokens fit
+    idx, mask = _pad_left(rows, S - max_new_tokens)
+    seq_BKN, len_BK, score_BK = _beam_search(
+        graphdef, params, _split_layers(params), idx, mask,
+        -1 if stop_id is None else stop_id, float(length_penalty), beam=beam,
+        steps=max_new_tokens)
+    seq_BKN, len_BK = np.asarray(seq_BKN), np.asarray(len_BK)
+    return [seq_BKN[b, 0, : len_BK[b, 0]].tolist() for b in range(len(prompts))]
 
 
 def beam_search(graphdef, params, prompt: list[int], *, beam: int, max_new_tokens: int,
                 length_penalty: float = 1.0, stop_id: int | None = None) -> list[int]:
-    """The best continuation by logp / length**length_penalty among the beams kept.
-
-    K = `beam` partial sequences survive each step (the K best by summed log-probability); a
-    candidate ending in `stop_id` is set aside as finished (its length counts the stop token).
-    At the end the unfinished beams join the finished ones and the best normalized score wins.
-    """
-    S = params["wpe"]["embedding"].shape[0]
-    if not prompt or beam < 1:
-        raise UserError("beam search needs a prompt and a beam width >= 1")
-    prompt = list(prompt[-(S - max_new_tokens):]) if len(prompt) + max_new_tokens > S \
-        else list(prompt)
-    if len(prompt) + max_new_tokens > S:
-        raise UserError(f"beam search needs prompt + new tokens <= block_size ({S})")
-    logp_KV, state = _beam_prefill(graphdef, params, np.tile(np.int32(prompt), (beam, 1)))
-    scores = np.full(beam, -np.inf)
-    scores[0] = 0.0  # at first all rows hold the same prompt: count it once
-    seqs: list[list[int]] = [[] for _ in range(beam)]
-    finished: list[tuple[float, list[int]]] = []
-    norm = lambda score, n: score / n ** length_penalty  # noqa: E731
-    for t in range(max_new_tokens):
-        logp_KV = np.asarray(logp_KV, np.float64)
-        V = logp_KV.shape[1]
-        total = (scores[:, None] + logp_KV).ravel()
-        order = np.argsort(-total, kind="stable")[: 2 * beam]
-        parents, tokens, new_scores = [], [], []
-        for i in order:
-            if not np.isfinite(total[i]):
-                break
-            k, v = divmod(int(i), V)
-            if v == stop_id:
-                finished.append((norm(total[i], t + 1), seqs[k] + [v]))
-            elif len(parents) < beam:
-                parents.append(k), tokens.append(v), new_scores.append(total[i])
-            if len(parents) == beam:
-                break
-        if not parents or t == max_new_tokens - 1:
-            finished += [(norm(s, t + 1), seqs[k] + [v])
-                         for k, v, s in zip(parents, tokens, new_scores)]
-            break
-        pad = beam - len(parents)
-        seqs = [seqs[k] + [v] for k, v in zip(parents, tokens)] + [[]] * pad
-        scores = np.array(new_scores + [-np.inf] * pad)
-        logp_KV, state = _beam_step(graphdef, params, state,
-                                    np.int32(parents + [0] * pad), np.int32(tokens + [0] * pad))
-    return max(finished, key=lambda f: f[0])[1]
+    """The best continuation of one prompt (see `beam_search_batch`)."""
+    return beam_search_batch(graphdef, params, [prompt], beam=beam,
+                             max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                             stop_id=stop_id)[0]

@@ -144,3 +144,55 @@ def test_wide_beam_finds_the_best_sequence_by_enumeration(length_penalty):
     greedy = sampling.beam_search(graphdef, params, prompt, beam=1, max_new_tokens=steps,
                                   length_penalty=length_penalty, stop_id=eot)
     assert found != greedy  # a case where searching wider matters
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time(model):
+    graphdef, params = model
+    prompts = [[4, 2], [7, 1, 9, 3, 3, 8], [11]]
+    kw = dict(beam=3, max_new_tokens=6, length_penalty=0.6, stop_id=5)
+    batched = sampling.beam_search_batch(graphdef, params, prompts, **kw)
+    assert batched == [sampling.beam_search(graphdef, params, p, **kw) for p in prompts]
+    assert all(1 <= len(b) <= 6 for b in batched)
+
+
+def test_sliding_window_equals_recomputing_the_window(model):
+    """Past block_size, the cache restarts from the last block_size // 2 tokens: the result is
+    the greedy continuation whose context is that window, growing until it is full again."""
+    graphdef, params = model
+    S = CFG.block_size
+    prompt, n = list(range(1, 9)), 3 * S  # 8 tokens: no prompt padding; two slides and more
+    out = sampling.generate_batch(graphdef, params, [prompt], max_new_tokens=n,
+                                  key=jax.random.key(0), temperature=0.0, chunk=5)[0]
+    step = jax.jit(lambda w, t: gpt.forward(graphdef, params, w)[0, t - 1])
+    tokens, start = list(prompt), 0
+    for _ in range(n):
+        if len(tokens) - start > S:
+            start = len(tokens) - S // 2
+        window = np.zeros((1, S), np.int32)
+        window[0, : len(tokens) - start] = tokens[start:]
+        tokens.append(int(jnp.argmax(step(window, len(tokens) - start))))
+    assert out == tokens[len(prompt):]
+
+
+def test_stop_test_ends_a_row_early(model):
+    graphdef, params = model
+    kw = dict(max_new_tokens=20, key=jax.random.key(0), temperature=0.0)
+    full = sampling.generate_batch(graphdef, params, [[1, 2], [3]], **kw)
+    target = full[0][6]
+    stop = lambda ids: target in ids  # noqa: E731  (each row ends after its first `target`)
+    out = sampling.generate_batch(graphdef, params, [[1, 2], [3]], stop=stop, **kw)
+    for row, got in zip(full, out):
+        expected = row[: row.index(target) + 1] if target in row else row
+        assert got == expected
+
+
+def test_generate_text_stops_at_a_stop_string(model):
+    from llm_jax.tokenizers import CharTokenizer
+
+    graphdef, params = model
+    tok = CharTokenizer("".join(chr(65 + i) for i in range(CFG.vocab_size)))
+    kw = dict(max_new_tokens=20, key=jax.random.key(0), temperature=0.0)
+    full = sampling.generate_text(tok, graphdef, params, ["AB"], **kw)[0]
+    stop = full[4:6]
+    out = sampling.generate_text(tok, graphdef, params, ["AB"], stop=[stop], **kw)[0]
+    assert out == full[: full.index(stop)]
