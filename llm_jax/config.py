@@ -32,7 +32,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DataConfig:
     source: str = "builtin"  # builtin (Python's docs, no download) | text (path) | shakespeare
     path: str = ""  # text: a file or a folder of .txt/.md files; shakespeare: optional local copy
-    tokenizer: str = "char"  # char (vocabulary built from the corpus) | gpt2 (tiktoken BPE)
+    tokenizer: str = "char"  # char (vocabulary built from the corpus) | gpt2 (tiktoken BPE) | bpe
+    bpe_path: str = ""  # bpe: a tokenizer file from `python -m llm_jax.bpe train` ...
+    bpe_vocab_size: int = 0  # ... or train one of this many tokens on the train split (>= 257)
     val_fraction: float = 0.1  # the last fraction of the text is held out for validation
     data_dir: str = "data"  # prepared token files live in a subfolder of this
 
@@ -61,6 +63,7 @@ class TrainConfig:
     init_from: str = ""  # "": from scratch; an HF GPT-2 dir or an llm_jax run dir: its weights
     progress: bool = True  # show a progress bar
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
+    inspect_interval: int = 0  # steps between gradient/activation statistics (0: off)
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,16 @@ def validate(config: Config) -> None:
             f"unknown data.source {d.source!r}: use builtin, text or shakespeare"
             + _suggest(d.source, ("builtin", "text", "shakespeare"))
         )
-    if d.tokenizer not in ("char", "gpt2"):
-        raise UserError(f"unknown data.tokenizer {d.tokenizer!r}: use char or gpt2")
+    if d.tokenizer not in ("char", "gpt2", "bpe"):
+        raise UserError(f"unknown data.tokenizer {d.tokenizer!r}: use char, gpt2 or bpe")
+    if d.tokenizer != "bpe" and (d.bpe_path or d.bpe_vocab_size):
+        raise UserError("data.bpe_path and data.bpe_vocab_size need data.tokenizer=bpe")
+    if d.tokenizer == "bpe" and bool(d.bpe_path) == bool(d.bpe_vocab_size):
+        raise UserError("data.tokenizer=bpe needs one of data.bpe_path (a tokenizer file) or "
+                        "data.bpe_vocab_size (to train one on the corpus)")
+    if d.bpe_vocab_size and d.bpe_vocab_size < 257:
+        raise UserError(f"data.bpe_vocab_size must be at least 257 (256 bytes and "
+                        f"<|endoftext|>), got {d.bpe_vocab_size}")
     if not 0.0 < d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction}")
 

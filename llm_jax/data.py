@@ -10,14 +10,17 @@ Design choices:
   out of the box with no download. "text" is the user's own file or folder. "shakespeare" is
   Tiny Shakespeare, from a local copy or downloaded once into the data folder and checked by
   sha256: the only network access in the library.
-- Documents are joined by the tokenizer's separator: GPT-2's "<|endoftext|>" token, or a blank
-  line for the char tokenizer, which has no end-of-text token.
+- Documents are joined by the tokenizer's separator: the "<|endoftext|>" token (GPT-2's, or a
+  special token of a trained BPE), or a blank line for the char tokenizer, which has none.
 - The TEXT is split, not the tokens: the first (1 - val_fraction) of the characters train, the
   rest validate (nanoGPT's shakespeare_char recipe). The char vocabulary comes from the whole text
-  so that validation never meets an unknown character.
+  so that validation never meets an unknown character. A BPE tokenizer (llm_jax/bpe.py) is read
+  from data.bpe_path, or trained on the training split alone (data.bpe_vocab_size tokens); either
+  way it is saved beside the tokens as tokenizer.json, and in meta.json like every tokenizer.
 - Prepared once: a prepared folder is reused while its meta.json records the same source text
-  (sha256), tokenizer and split. Files are written under temporary names and renamed, meta.json
-  last, so an interrupted preparation is redone rather than trusted.
+  (sha256), tokenizer (for BPE: the file's sha256, or the vocabulary size to train) and split.
+  Files are written under temporary names and renamed, meta.json last, so an interrupted
+  preparation is redone rather than trusted.
 - Batches are a pure function of (seed, stream, step): a resumed run draws exactly the batches it
   would have drawn, and evaluation streams never disturb the training stream.
 
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm_jax import bpe
 from llm_jax.errors import UserError
 from llm_jax.tokenizers import EOT, Tokenizer, build_tokenizer, tokenizer_from_json
 
@@ -64,8 +68,8 @@ class Corpus:
 
 
 def document_separator(tokenizer_kind: str) -> str:
-    """What goes between two documents: GPT-2's end-of-text token, else a blank line."""
-    return EOT if tokenizer_kind == "gpt2" else "\n\n"
+    """What goes between two documents: the end-of-text token of BPE, a blank line for char."""
+    return "\n\n" if tokenizer_kind == "char" else EOT
 
 
 def join_documents(documents: list[str], tokenizer_kind: str, description: str) -> str:
@@ -200,11 +204,42 @@ def split_point(text: str, val_fraction: float, separator: str) -> int:
     return start if start != -1 else cut
 
 
+def tokenizer_settings(data_cfg: DataConfig) -> tuple[str, dict]:
+    """(tag, settings) of the configured tokenizer: the tag ends the prepared folder's name, the
+    settings are recorded in meta.json and must match for the prepared tokens to be reused."""
+    kind = data_cfg.tokenizer
+    if kind != "bpe":
+        return kind, {}
+    if data_cfg.bpe_path:
+        path = Path(data_cfg.bpe_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.bpe_path {data_cfg.bpe_path!r} does not exist")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"bpe-{digest[:8]}", {"bpe_file_sha256": digest}
+    if data_cfg.bpe_vocab_size <= 0:
+        raise UserError("data.tokenizer=bpe needs data.bpe_path (a tokenizer file) or "
+                        "data.bpe_vocab_size (to train one on the corpus)")
+    return f"bpe{data_cfg.bpe_vocab_size}", {"bpe_vocab_size": data_cfg.bpe_vocab_size}
+
+
+def build_bpe(data_cfg: DataConfig, train_text: str) -> bpe.BPETokenizer:
+    """The tokenizer file of data.bpe_path, or one trained on the training text."""
+    if data_cfg.bpe_path:
+        return bpe.load(data_cfg.bpe_path)
+    print(f"training a BPE tokenizer of {data_cfg.bpe_vocab_size:,} tokens on the train split "
+          f"({len(train_text):,} characters)")
+    tokenizer = bpe.train_bpe(train_text, data_cfg.bpe_vocab_size, specials=[EOT])
+    if tokenizer.vocab_size < data_cfg.bpe_vocab_size:
+        print(f"note: the text ran out of pairs to merge: {tokenizer.vocab_size:,} tokens")
+    return tokenizer
+
+
 def prepare(data_cfg: DataConfig) -> Prepared:
     """Tokenize the configured corpus into <data_dir>/<source>-<tokenizer>, or reuse it."""
     corpus = read_corpus(data_cfg)
     kind = data_cfg.tokenizer
-    directory = Path(data_cfg.data_dir) / f"{corpus.name}-{kind}"
+    tag, settings = tokenizer_settings(data_cfg)
+    directory = Path(data_cfg.data_dir) / f"{corpus.name}-{tag}"
     source_sha256 = hashlib.sha256(corpus.text.encode()).hexdigest()
 
     try:
@@ -213,14 +248,18 @@ def prepare(data_cfg: DataConfig) -> Prepared:
         found = None
     if found is not None and (found.meta.get("source_sha256") == source_sha256
                               and found.tokenizer.kind == kind
+                              and found.meta.get("tokenizer_settings", {}) == settings
                               and found.meta.get("val_fraction") == data_cfg.val_fraction):
         found.reused = True
         return found
 
-    tokenizer = build_tokenizer(kind, corpus.text)
     cut = split_point(corpus.text, data_cfg.val_fraction, document_separator(kind))
-    dtype = token_dtype(tokenizer.vocab_size)
     splits = {"train": corpus.text[:cut], "val": corpus.text[cut:]}
+    if kind == "bpe":
+        tokenizer = build_bpe(data_cfg, splits["train"])
+    else:
+        tokenizer = build_tokenizer(kind, corpus.text)
+    dtype = token_dtype(tokenizer.vocab_size)
     tokens = {name: np.array(tokenizer.encode(text), dtype=dtype) for name, text in splits.items()}
     for name, ids in tokens.items():
         if len(ids) < 2:
@@ -235,6 +274,7 @@ def prepare(data_cfg: DataConfig) -> Prepared:
         "source_sha256": source_sha256,
         **{f"source_{k}": v for k, v in corpus.extra.items()},
         "tokenizer": tokenizer.to_json(),
+        "tokenizer_settings": settings,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "dtype": dtype.name,
@@ -246,6 +286,8 @@ def prepare(data_cfg: DataConfig) -> Prepared:
     }
     # Drop the old meta.json first: until the new one lands, the folder reads as unprepared.
     (directory / "meta.json").unlink(missing_ok=True)
+    if kind == "bpe":  # for `python -m llm_jax.bpe show --tokenizer` and reuse elsewhere
+        write_atomic(directory / "tokenizer.json", tokenizer.dumps().encode())
     for name, ids in tokens.items():
         write_atomic(directory / f"{name}.bin", ids.tobytes())
     write_atomic(directory / "meta.json", json.dumps(meta, indent=2).encode())

@@ -1,8 +1,9 @@
 """Tokenizers: GPT-2's byte-pair encoding, offline, and a character vocabulary.
 
-Both satisfy one small `Tokenizer` interface (encode, decode, to_json) so that data preparation,
-training and sampling never ask which kind they hold; `to_json` is stored in the prepared data's
-meta.json and in checkpoints, and `tokenizer_from_json` rebuilds the same tokenizer from it.
+Both, and the byte-level BPE trained on your own corpus (llm_jax/bpe.py), satisfy one small
+`Tokenizer` interface (encode, decode, to_json) so that data preparation, training and sampling
+never ask which kind they hold; `to_json` is stored in the prepared data's meta.json and in
+checkpoints, and `tokenizer_from_json` rebuilds the same tokenizer from it.
 
 Design choices:
 - GPT-2's vocabulary ships with the package (assets/gpt2: OpenAI's encoder.json and vocab.bpe,
@@ -45,7 +46,7 @@ GPT2_VOCAB_SIZE = 50257
 
 
 class Tokenizer(Protocol):
-    kind: str  # "gpt2" or "char"
+    kind: str  # "gpt2", "char" or "bpe"
     vocab_size: int  # number of ids; every id is in [0, vocab_size)
     eot_id: int | None  # the end-of-text token separating documents, None when there is none
 
@@ -206,7 +207,8 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
         return gpt2_tokenizer()
     if kind == "char":
         return CharTokenizer.from_text(text)
-    raise UserError(f"unknown tokenizer {kind!r}: use char or gpt2")
+    raise UserError(f"unknown tokenizer {kind!r}: use char or gpt2 (a bpe tokenizer is trained "
+                    "or loaded by llm_jax.bpe)")
 
 
 def tokenizer_from_json(d: dict) -> Tokenizer:
@@ -218,4 +220,8 @@ def tokenizer_from_json(d: dict) -> Tokenizer:
         if not isinstance(d.get("chars"), str):
             raise UserError("saved char tokenizer has no 'chars' vocabulary string")
         return CharTokenizer(d["chars"])
-    raise UserError(f"unknown saved tokenizer kind {kind!r}: expected char or gpt2")
+    if kind == "bpe":
+        from llm_jax.bpe import BPETokenizer  # bpe imports this module
+
+        return BPETokenizer.from_json(d)
+    raise UserError(f"unknown saved tokenizer kind {kind!r}: expected char, gpt2 or bpe")

@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from llm_jax import data
+from llm_jax import bpe, data
 from llm_jax.config import DataConfig
 from llm_jax.data import get_batch, load_prepared, prepare, read_corpus, split_point
 from llm_jax.errors import UserError
@@ -195,6 +195,58 @@ def test_too_short_split_is_an_error(tmp_path):
     source = write(tmp_path / "tiny.txt", "abcdefghij")  # val gets 1 character
     with pytest.raises(UserError, match="val split.*1 token"):
         prepare(config(tmp_path, source="text", path=str(source)))
+
+
+def test_prepare_bpe_trains_on_the_train_split_only(tmp_path):
+    write(tmp_path / "docs" / "a.txt", TEXT[:1500])
+    write(tmp_path / "docs" / "b.txt", TEXT[1500:])
+    cfg = config(tmp_path, source="text", path=str(tmp_path / "docs"), tokenizer="bpe",
+                 bpe_vocab_size=280)
+    prepared = prepare(cfg)
+    text = TEXT[:1500] + EOT + TEXT[1500:]  # documents joined by the special token
+    cut = int(len(text) * 0.9)
+    assert prepared.directory.name.endswith("-bpe280")
+    assert prepared.tokenizer.to_json() == bpe.train_bpe(text[:cut], 280).to_json()
+    saved = bpe.load(prepared.directory / "tokenizer.json")
+    assert saved.to_json() == prepared.tokenizer.to_json() == prepared.meta["tokenizer"]
+    meta = prepared.meta
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (280, 279, "uint16")
+    assert meta["tokenizer_settings"] == {"bpe_vocab_size": 280}
+    tokens = np.concatenate([prepared.train, prepared.val])
+    assert list(tokens).count(279) == 1 and len(tokens) < 0.7 * len(text)  # merged
+    assert prepared.tokenizer.decode(prepared.train) == text[:cut]
+    assert prepared.tokenizer.decode(prepared.val) == text[cut:]
+
+    assert prepare(cfg).reused
+    smaller = prepare(config(tmp_path, source="text", path=str(tmp_path / "docs"),
+                             tokenizer="bpe", bpe_vocab_size=270))
+    assert not smaller.reused and smaller.tokenizer.vocab_size == 270
+    assert smaller.directory != prepared.directory and prepare(cfg).reused
+
+
+def test_prepare_bpe_from_a_file_follows_the_file(tmp_path):
+    source = write(tmp_path / "play.txt", TEXT)
+    tok_path = tmp_path / "tok.json"
+    bpe.train_bpe(TEXT, 280).save(tok_path)
+    cfg = config(tmp_path, source="text", path=str(source), tokenizer="bpe",
+                 bpe_path=str(tok_path))
+    first = prepare(cfg)
+    digest = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    assert first.directory.name.endswith(f"-bpe-{digest[:8]}")
+    assert first.meta["tokenizer_settings"] == {"bpe_file_sha256": digest}
+    assert first.tokenizer.to_json() == bpe.load(tok_path).to_json()
+    assert prepare(cfg).reused
+
+    bpe.train_bpe(TEXT, 270).save(tok_path)  # the same path, another tokenizer
+    second = prepare(cfg)
+    assert not second.reused and second.tokenizer.vocab_size == 270
+    tok_path.unlink()  # the prepared data carries its tokenizer
+    assert load_prepared(second.directory).tokenizer.decode(second.val) == \
+        TEXT[int(len(TEXT) * 0.9):]
+    with pytest.raises(UserError, match="data.bpe_path.*tok.json.*does not exist"):
+        prepare(cfg)
+    with pytest.raises(UserError, match="bpe_vocab_size"):
+        prepare(config(tmp_path, source="text", path=str(source), tokenizer="bpe"))
 
 
 # --- Tiny Shakespeare --------------------------------------------------------------------------

@@ -176,3 +176,15 @@ def test_to_json_round_trip():
         tokenizer_from_json({"kind": "sentencepiece"})
     with pytest.raises(UserError):
         tokenizer_from_json({"kind": "char"})
+
+
+def test_bpe_to_json_round_trip():
+    from llm_jax.bpe import train_bpe
+
+    bpe = train_bpe("to be or not to be, that is the question\n" * 3, 280)
+    again = tokenizer_from_json(json.loads(json.dumps(bpe.to_json())))
+    assert (again.kind, again.vocab_size, again.eot_id) == ("bpe", bpe.vocab_size, 279)
+    assert again.merges == bpe.merges and again.to_json() == bpe.to_json()
+    assert again.encode("not to be<|endoftext|>") == bpe.encode("not to be<|endoftext|>")
+    with pytest.raises(UserError, match="format_version"):
+        tokenizer_from_json({"kind": "bpe"})
