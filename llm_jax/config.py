@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig
+from llm_jax.model import NORMS, POSITIONS, ModelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -148,6 +148,13 @@ def validate(config: Config) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    for name, choices in (("position", POSITIONS), ("norm", NORMS)):
+        if getattr(m, name) not in choices:
+            raise UserError(f"model.{name} must be one of {', '.join(choices)}, got "
+                            f"{getattr(m, name)!r}" + _suggest(getattr(m, name), choices))
+    if m.position == "rope" and m.head_dim % 2:
+        raise UserError(f"model.position=rope needs an even head dimension, got "
+                        f"n_embd / n_head = {m.head_dim}")
     for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval",
                  "ckpt_interval"):
         if getattr(t, name) < 1:

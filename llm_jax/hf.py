@@ -269,6 +269,9 @@ def save_hf(directory, cfg: gpt.ModelConfig, params: dict, overwrite: bool = Fal
     place. A non-empty directory is refused unless overwrite=True, which replaces the two files
     (each atomically) and leaves any others (a tokenizer, a README) alone."""
     directory = Path(directory)
+    if cfg.position != "learned" or cfg.norm != "layernorm":
+        raise UserError(f"GPT-2's layout has learned positions and LayerNorm; this model has "
+                        f"model.position={cfg.position!r}, model.norm={cfg.norm!r}")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory")
     replace = directory.is_dir() and any(directory.iterdir())

@@ -36,6 +36,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+POSITIONS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 0  # tokens in the vocabulary (0: take it from the tokenizer)
@@ -48,6 +52,9 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     scan_unroll: int = 1  # layers per scan iteration (n_layer: fully unrolled, often faster on CPU)
+    position: str = "learned"  # learned (GPT-2's table) | sinusoidal (fixed) | rope (rotary)
+    rope_base: float = 10000.0  # rope: frequencies base**(-2i/K)
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm
 
     @property
     def padded_vocab_size(self) -> int:
@@ -71,8 +78,37 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float 
                       kernel_init=nnx.initializers.normal(std))
 
 
-def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs):
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs):
+    """LayerNorm (x - mean) / sqrt(var + eps) * scale (+ bias), or RMSNorm x / sqrt(mean(x^2) + eps)
+    * scale; eps 1e-5 as GPT-2."""
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.n_embd, epsilon=1e-5, dtype=cfg.dtype, rngs=rngs)
     return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs)
+
+
+def sinusoidal_table(n_pos: int, d: int):
+    """Fixed positions ("Attention Is All You Need"): row p has sin(p * w_i) at column 2i and
+    cos(p * w_i) at column 2i + 1, with w_i = 10000**(-2i / d). -> float32 (n_pos, d)."""
+    w_I = 10000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angle_PI = jnp.arange(n_pos, dtype=jnp.float32)[:, None] * w_I[None, :]
+    table_PI2 = jnp.stack([jnp.sin(angle_PI), jnp.cos(angle_PI)], axis=-1)
+    return table_PI2.reshape(n_pos, -1)[:, :d]
+
+
+def rope_angles(pos_BT, head_dim: int, base: float = 10000.0):
+    """Rotary angles: (cos, sin), each (B, T, 1, K // 2), of pos * base**(-2i / K)."""
+    w_I = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_BTI = pos_BT.astype(jnp.float32)[..., None] * w_I
+    return jnp.cos(angle_BTI)[:, :, None, :], jnp.sin(angle_BTI)[:, :, None, :]
+
+
+def apply_rope(x_BTHK, rope):
+    """Rotate the pairs (x[i], x[i + K/2]) of each head by its position's angles: then the score
+    q_m . k_n depends on the positions only through m - n."""
+    cos, sin = rope
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x_BTHK.dtype)
 
 
 def attention(q_BTHK, k_BSHK, v_BSHK, visible_BTS, key=None, rate: float = 0.0):
@@ -105,13 +141,15 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, rngs,
                               std=0.02 / math.sqrt(2 * cfg.n_layer))  # GPT-2's residual scaling
 
-    def __call__(self, x_ND, T: int, key=None):
+    def __call__(self, x_ND, T: int, key=None, rope=None):
         cfg = self.cfg
         N, D = x_ND.shape
         k_att, k_out = jax.random.split(key) if key is not None else (None, None)
         qkv_N3D = self.c_attn(x_ND)
         q, k, v = jnp.split(qkv_N3D, 3, axis=-1)  # GPT-2 order: query, key, value
         q, k, v = (t.reshape(N // T, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         y_BTHK = causal_attention(q, k, v, k_att, cfg.dropout)
         return dropout(self.c_proj(y_BTHK.reshape(N, D)), cfg.dropout, k_out)
 
@@ -130,14 +168,14 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(cfg, rngs)
+        self.ln_1 = _norm(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs)
-        self.ln_2 = _layer_norm(cfg, rngs)
+        self.ln_2 = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_ND, T: int, key=None):
+    def __call__(self, x_ND, T: int, key=None, rope=None):
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        x_ND = x_ND + self.attn(self.ln_1(x_ND), T, k_attn)
+        x_ND = x_ND + self.attn(self.ln_1(x_ND), T, k_attn, rope)
         x_ND = x_ND + self.mlp(self.ln_2(x_ND), k_mlp)
         return x_ND
 
@@ -150,8 +188,13 @@ class GPT(nnx.Module):
         embed_init = nnx.initializers.normal(0.02)
         self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype,
                              embedding_init=embed_init, rngs=rngs)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype,
-                             embedding_init=embed_init, rngs=rngs)
+        if cfg.position not in POSITIONS:
+            raise ValueError(f"ModelConfig.position must be one of {POSITIONS}")
+        if cfg.position == "rope" and cfg.head_dim % 2:
+            raise ValueError("rotary positions need an even head dimension")
+        if cfg.position == "learned":
+            self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype,
+                                 embedding_init=embed_init, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -159,22 +202,41 @@ class GPT(nnx.Module):
             return Block(cfg, rngs)
 
         self.h = make_blocks(rngs)  # one Block whose params have a leading axis of size L
-        self.ln_f = _layer_norm(cfg, rngs)
+        self.ln_f = _norm(cfg, rngs)
+
+    def positions(self, pos_BT):
+        """What is added to the token embeddings at these positions (zeros for rope)."""
+        if self.cfg.position == "learned":
+            return self.wpe(pos_BT)
+        if self.cfg.position == "sinusoidal":
+            table = sinusoidal_table(self.cfg.block_size, self.cfg.n_embd)
+            return table[pos_BT].astype(self.cfg.dtype)
+        return jnp.zeros((), self.cfg.dtype)
+
+    def rope(self, pos_BT):
+        """Rotary angles for these positions, or None when positions are added instead."""
+        if self.cfg.position != "rope":
+            return None
+        return rope_angles(pos_BT, self.cfg.head_dim, self.cfg.rope_base)
 
     def embed(self, idx_BT, key=None):
         T = idx_BT.shape[1]
-        x_BTD = self.wte(idx_BT) + self.wpe(jnp.arange(T))
+        x_BTD = self.wte(idx_BT) + self.positions(jnp.arange(T)[None])
         return dropout(x_BTD, self.cfg.dropout, key)
 
     def forward_embeddings(self, x_BTD, key=None):
-        """Blocks, final norm and tied head: embeddings (B, T, D) -> float32 logits (B, T, V)."""
+        """Blocks, final norm and tied head: embeddings (B, T, D) -> float32 logits (B, T, V).
+
+        The embeddings already hold the added positions (`embed`); rotary positions 0..T-1 are
+        applied inside attention."""
         B, T, D = x_BTD.shape
         keys_L = jax.random.split(key, self.cfg.n_layer) if key is not None else None
         block_def, block_state = nnx.split(self.h)
+        rope = self.rope(jnp.arange(T)[None])
 
         def layer(x_ND, xs):
             state, k = xs
-            return nnx.merge(block_def, state)(x_ND, T, k), None
+            return nnx.merge(block_def, state)(x_ND, T, k, rope), None
 
         x_ND, _ = jax.lax.scan(layer, x_BTD.reshape(B * T, D), (block_state, keys_L),
                                unroll=self.cfg.scan_unroll)
@@ -221,7 +283,8 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
     B, T = idx_BT.shape
     H, K, D = cfg.n_head, cfg.head_dim, cfg.n_embd
     S = cache["v"].shape[3]
-    x_ND = (model.wte(idx_BT) + model.wpe(pos_BT)).reshape(B * T, D)
+    x_ND = (model.wte(idx_BT) + model.positions(pos_BT)).reshape(B * T, D)
+    rope = model.rope(pos_BT)
     slots_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
     visible_B1TS = (slots_TS[None] & valid_BS[:, None, :])[:, None]
     block_def, _ = nnx.split(model.h)
@@ -229,7 +292,10 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
     for layer, state in enumerate(layers):
         blk = nnx.merge(block_def, nnx.State(state))
         q, k, v = jnp.split(blk.attn.c_attn(blk.ln_1(x_ND)), 3, axis=-1)
-        q_BHTK, k_BHTK, v_BHTK = (t.reshape(B, T, H, K).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k, v = (t.reshape(B, T, H, K) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q_BHTK, k_BHTK, v_BHTK = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         k_cache = jax.lax.dynamic_update_slice(
             k_cache, k_BHTK.transpose(0, 1, 3, 2)[None].astype(k_cache.dtype),
             (layer, 0, 0, 0, start))
@@ -279,7 +345,7 @@ def count_params(cfg: ModelConfig, params: dict, non_embedding: bool = True) -> 
     """Parameters, without the position table and the vocabulary padding (nanoGPT's count)."""
     n = sum(x.size for x in jax.tree.leaves(params))
     n -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
-    if non_embedding:
+    if non_embedding and cfg.position == "learned":
         n -= cfg.block_size * cfg.n_embd
     return n
 

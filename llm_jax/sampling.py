@@ -122,7 +122,7 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
     """
     if not prompts or any(not p for p in prompts):
         raise UserError("the prompt is empty: give at least one token")
-    S = params["wpe"]["embedding"].shape[0]  # block_size
+    S = gpt.merge(graphdef, params).cfg.block_size
     if S < 4:
         raise UserError("block_size must be at least 4 to generate with a cache")
     chunk = max(1, min(chunk, S // 4))  # a chunk always fits after a slide to S // 2
@@ -317,7 +317,7 @@ def beam_search_batch(graphdef, params, prompts: list[list[int]], *, beam: int,
     normalised score are kept. The loop stops early once no alive beam can beat them.
     Costs K rows of the cached model per prompt and a top-K over K x V candidates per step.
     """
-    S = params["wpe"]["embedding"].shape[0]
+    S = gpt.merge(graphdef, params).cfg.block_size
     if not prompts or any(not p for p in prompts) or beam < 1 or max_new_tokens < 1:
         raise UserError("beam search needs prompts, a beam width >= 1 and max_new_tokens >= 1")
     if max_new_tokens >= S:
