@@ -64,6 +64,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
     inspect_interval: int = 0  # steps between gradient/activation statistics (0: off)
+    label_smoothing: float = 0.0  # train towards (1 - eps) * one-hot + eps / V (eval: plain loss)
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,15 @@ def validate(config: Config) -> None:
                  "ckpt_interval"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-    for name in ("max_iters", "seed", "warmup_iters", "lr_decay_iters", "keep_last"):
+    for name in ("max_iters", "seed", "warmup_iters", "lr_decay_iters", "keep_last",
+                 "inspect_interval"):
         if getattr(t, name) < 0:
             raise UserError(f"train.{name} must be at least 0, got {getattr(t, name)}")
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
         if not getattr(t, name) >= 0:  # also rejects nan
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if d.source not in ("builtin", "text", "shakespeare"):
         raise UserError(
             f"unknown data.source {d.source!r}: use builtin, text or shakespeare"

@@ -219,9 +219,17 @@ class GPT(nnx.Module):
             return None
         return rope_angles(pos_BT, self.cfg.head_dim, self.cfg.rope_base)
 
+    def tokens(self, idx_BT):
+        """Token embeddings; times sqrt(D) with the sinusoidal table, as the Transformer paper
+        does, so that the fixed table (values in [-1, 1]) does not drown them."""
+        x_BTD = self.wte(idx_BT)
+        if self.cfg.position == "sinusoidal":
+            x_BTD = x_BTD * math.sqrt(self.cfg.n_embd)
+        return x_BTD
+
     def embed(self, idx_BT, key=None):
         T = idx_BT.shape[1]
-        x_BTD = self.wte(idx_BT) + self.positions(jnp.arange(T)[None])
+        x_BTD = self.tokens(idx_BT) + self.positions(jnp.arange(T)[None])
         return dropout(x_BTD, self.cfg.dropout, key)
 
     def forward_embeddings(self, x_BTD, key=None):
@@ -283,7 +291,7 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
     B, T = idx_BT.shape
     H, K, D = cfg.n_head, cfg.head_dim, cfg.n_embd
     S = cache["v"].shape[3]
-    x_ND = (model.wte(idx_BT) + model.positions(pos_BT)).reshape(B * T, D)
+    x_ND = (model.tokens(idx_BT) + model.positions(pos_BT)).reshape(B * T, D)
     rope = model.rope(pos_BT)
     slots_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
     visible_B1TS = (slots_TS[None] & valid_BS[:, None, :])[:, None]

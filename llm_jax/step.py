@@ -5,6 +5,11 @@
 loss are added over micro-batches in a `lax.scan` and divided once by the total token count, so
 the result is the gradient of the mean over every token of the step, however it is split.
 params and opt_state are donated: their buffers are reused for the updated values.
+
+`make_train_step(graphdef, tx, inspect=True)` compiles a second variant of the same step whose
+metrics also hold per-layer gradient norms, update-to-parameter ratios and residual-stream
+statistics (llm_jax/inspection.py names them). Training calls it only every
+`train.inspect_interval` steps, so the other steps pay nothing for inspection.
 """
 
 import jax
@@ -12,13 +17,15 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import model as gpt
+from llm_jax.inspection import activation_stats, update_metrics
 from llm_jax.loss import cross_entropy_sum
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation):
+def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = False,
+                    label_smoothing: float = 0.0):
     def summed_loss(params, x_BT, y_BT, key):
         logits_BTV = gpt.forward(graphdef, params, x_BT, key)
-        return cross_entropy_sum(logits_BTV, y_BT)
+        return cross_entropy_sum(logits_BTV, y_BT, label_smoothing=label_smoothing)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -39,8 +46,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
             (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (x_ABT, y_ABT, keys_A))
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
+        if inspect:
+            metrics.update(update_metrics(params, grads, updates))
+            metrics.update(activation_stats(graphdef, params, x_ABT[0]))
+        params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from llm_jax import checkpoint, data, hf
 from llm_jax import model as gpt
-from llm_jax.config import Config
+from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
 from llm_jax.optim import learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
@@ -29,7 +29,8 @@ from llm_jax.tokenizers import GPT2_VOCAB_SIZE
 # Dense bf16 peak FLOP/s of known accelerators, by a substring of jax's device_kind.
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "TPU v4": 275,
                "TPU v5 lite": 197, "TPU v5p": 459, "TPU v6 lite": 918}
-SHAPE_KEYS = ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "n_embd", "bias")
+SHAPE_KEYS = ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "n_embd", "bias",
+              "position", "norm")
 
 
 def peak_flops(cfg_tflops: float) -> float | None:
@@ -131,6 +132,23 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
+def log_inspection(log: _Log, step: int, metrics: dict) -> None:
+    """One console line and one metrics.jsonl record with the inspect step's statistics."""
+    def order(name):  # the other groups first, then the blocks by number (h.2 before h.10)
+        kind, _, group = name.partition("/")
+        block = group.startswith("h.") and group[2:].isdigit()
+        return (kind, int(group[2:]), "") if block else (kind, -1, group)
+
+    stats = {k: float(metrics[k]) for k in sorted((k for k in metrics if "/" in k), key=order)}
+
+    def per_block(prefix, fmt):
+        return " ".join(format(v, fmt) for k, v in stats.items() if k.startswith(prefix + "/h."))
+
+    log(f"step {step}: per block: grad norm {per_block('grad_norm', '.3f')}; update/param "
+        f"{per_block('update_ratio', '.1e')}; residual std {per_block('act_std', '.2f')}",
+        step=step, **stats)
+
+
 def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
@@ -152,8 +170,9 @@ def train(config: Config) -> dict:
     if t.resume:
         meta = checkpoint.read_meta(out_dir)
         check_same_shape(meta["config"]["model"], mcfg, str(out_dir))
-        for key in ("source", "path", "tokenizer"):
-            if meta["config"]["data"][key] != getattr(config.data, key):
+        for key in ("source", "path", "tokenizer", "bpe_path", "bpe_vocab_size"):
+            if meta["config"]["data"].get(key, getattr(DataConfig(), key)) != \
+                    getattr(config.data, key):
                 raise UserError(f"checkpoint in {str(out_dir)!r} was trained with data.{key}="
                                 f"{meta['config']['data'][key]!r}, the config says "
                                 f"{getattr(config.data, key)!r}")
@@ -177,7 +196,10 @@ def train(config: Config) -> dict:
     flops_token = gpt.flops_per_token(mcfg, n_params)
     peak = peak_flops(t.peak_tflops)
     tokens_step = t.grad_accum * t.batch_size * mcfg.block_size
-    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+    train_step = make_train_step(graphdef, tx, label_smoothing=t.label_smoothing)
+    eval_step = make_eval_step(graphdef)
+    inspect_step = make_train_step(graphdef, tx, inspect=True, label_smoothing=t.label_smoothing) \
+        if t.inspect_interval else None
     lr_at = learning_rate(t)
     ckpts = checkpoint.Checkpoints(out_dir, keep_last=t.keep_last)
 
@@ -198,17 +220,28 @@ def train(config: Config) -> dict:
     summary = {"start_step": start, "steps": t.max_iters}
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
-    metrics = None
+    metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect
     for step in range(start, t.max_iters):
-        batch = micro_batches(prepared.train, config, step)
-        params, opt_state, metrics = train_step(params, opt_state, batch,
-                                                jax.random.fold_in(k_train, step))
         done = step + 1
+        inspecting = inspect_step is not None and done % t.inspect_interval == 0
+        first_call = inspecting not in compiled
+        if first_call and compile_s is not None:
+            jax.block_until_ready(params)  # time the other variant's compile on its own
+            t_compile = time.perf_counter()
+        batch = micro_batches(prepared.train, config, step)
+        params, opt_state, metrics = (inspect_step if inspecting else train_step)(
+            params, opt_state, batch, jax.random.fold_in(k_train, step))
         if compile_s is None:  # the first step compiles: time it apart from the throughput
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - t_last
             t_last, step_last = time.perf_counter(), done
             summary["first_step_s"] = compile_s
+        elif first_call:  # keep the second variant's compile out of tokens/s too
+            jax.block_until_ready(metrics)
+            t_last += time.perf_counter() - t_compile
+        compiled.add(inspecting)
+        if inspecting:
+            log_inspection(log, done, jax.device_get(metrics))
         if done % t.log_interval == 0 or done == t.max_iters:
             m = jax.device_get(metrics)
             now = time.perf_counter()
@@ -254,7 +287,8 @@ def train(config: Config) -> dict:
         f"(+{pause['ckpt_final_wait']:.2f}s waiting for the last write)",
         wall_s=wall, compile_s=compile_s, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],
         ckpt_final_wait_s=pause["ckpt_final_wait"])
-    summary.update(wall_s=wall, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],best_val_loss=best_val, out_dir=str(out_dir), params=params,
+    summary.update(wall_s=wall, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],
+                   best_val_loss=best_val, out_dir=str(out_dir), params=params,
                    opt_state=opt_state, final_loss=None if metrics is None
                    else float(jax.device_get(metrics["loss"])))
     return summary
