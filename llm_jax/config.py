@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_jax.errors import UserError
+from llm_jax.attention import IMPLEMENTATIONS
 from llm_jax.model import NORMS, POSITIONS, ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -153,6 +154,14 @@ def validate(config: Config) -> None:
         if getattr(m, name) not in choices:
             raise UserError(f"model.{name} must be one of {', '.join(choices)}, got "
                             f"{getattr(m, name)!r}" + _suggest(getattr(m, name), choices))
+    if m.attention not in IMPLEMENTATIONS:
+        raise UserError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got "
+                        f"{m.attention!r}" + _suggest(m.attention, tuple(IMPLEMENTATIONS)))
+    if m.attention != "reference" and m.dropout > 0:
+        raise UserError(f"model.attention={m.attention} has no attention dropout: use "
+                        "model.attention=reference or model.dropout=0")
+    if m.attention_block < 1:
+        raise UserError(f"model.attention_block must be at least 1, got {m.attention_block}")
     if m.position == "rope" and m.head_dim % 2:
         raise UserError(f"model.position=rope needs an even head dimension, got "
                         f"n_embd / n_head = {m.head_dim}")

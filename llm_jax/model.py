@@ -35,6 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm_jax import attention as attn_lib
+from llm_jax.attention import dropout, masked_attention as attention  # noqa: F401 (re-exported)
+
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -55,6 +58,8 @@ class ModelConfig:
     position: str = "learned"  # learned (GPT-2's table) | sinusoidal (fixed) | rope (rotary)
     rope_base: float = 10000.0  # rope: frequencies base**(-2i/K)
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm
+    attention: str = "reference"  # reference (the formula) | xla (jax.nn) | flash (tiled)
+    attention_block: int = 512  # flash: tile length in tokens
 
     @property
     def padded_vocab_size(self) -> int:
@@ -63,14 +68,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-def dropout(x, rate: float, key):
-    """Inverted dropout with an explicit key; identity when key is None or rate is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02):
@@ -111,27 +108,10 @@ def apply_rope(x_BTHK, rope):
     return out.astype(x_BTHK.dtype)
 
 
-def attention(q_BTHK, k_BSHK, v_BSHK, visible_BTS, key=None, rate: float = 0.0):
-    """softmax(Q K^T / sqrt(K) + mask) V, written out as the formula reads.
-
-    visible_BTS (broadcastable) says which keys each query may see. Hidden scores get a finite
-    floor rather than -inf, so that a query that sees nothing (a padding slot of the KV cache)
-    gives zeros instead of NaN; wherever a query sees a key the result is the same.
-    """
-    K = q_BTHK.shape[3]
-    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32)
-    scores_BHTS = scores_BHTS / math.sqrt(K)
-    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-    weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    weights_BHTS = dropout(weights_BHTS, rate, key).astype(v_BSHK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
-
-
 def causal_attention(q_BTHK, k_BTHK, v_BTHK, key=None, rate: float = 0.0):
-    """Self-attention where position t sees positions 0..t."""
-    T = q_BTHK.shape[1]
-    causal_1TT = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
-    return attention(q_BTHK, k_BTHK, v_BTHK, causal_1TT, key, rate)
+    """Self-attention where position t sees positions 0..t (the reference implementation)."""
+    return attn_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=True, dropout_rate=rate,
+                              dropout_key=key)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -150,7 +130,9 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (t.reshape(N // T, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y_BTHK = causal_attention(q, k, v, k_att, cfg.dropout)
+        y_BTHK = attn_lib.attention(q, k, v, causal=True, impl=cfg.attention,
+                                    dropout_rate=cfg.dropout, dropout_key=k_att,
+                                    block_size=cfg.attention_block)
         return dropout(self.c_proj(y_BTHK.reshape(N, D)), cfg.dropout, k_out)
 
 
@@ -320,7 +302,9 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> dict:
-    """An empty key/value cache in the compute dtype: keys (L, B, H, K, S), values (L, B, H, S, K)."""
+    """An empty key/value cache in the compute dtype.
+
+    Keys (L, B, H, K, S), values (L, B, H, S, K)."""
     L, H, K, S = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
     return {"k": jnp.zeros((L, batch, H, K, S), cfg.dtype),
             "v": jnp.zeros((L, batch, H, S, K), cfg.dtype)}

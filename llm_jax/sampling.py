@@ -82,7 +82,9 @@ def _prefill(graphdef, params, layers, idx_BP, mask_BP, key, temperature, top_k:
 @partial(jax.jit, static_argnames=("graphdef", "top_k", "steps"), donate_argnames=("state",))
 def _decode_chunk(graphdef, params, layers, state, key, step0, temperature, top_k: int, top_p,
                   steps: int):
-    """`steps` decode steps in one scan: feed the last token, choose the next. -> (tokens NB, state)."""
+    """`steps` decode steps in one scan: feed the last token, choose the next.
+
+    -> (tokens (N, B), state); the state passed in is donated."""
 
     def step(state, i):
         slot = state["slot"]

@@ -134,3 +134,18 @@ def test_the_loss_mask_ignores_masked_tokens_exactly():
                                      label_smoothing=0.1))
                  for b in range(2) for t in range(5) if mask[b, t]]
     assert float(loss) == pytest.approx(np.mean(per_token), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "flash"])
+def test_the_attention_choice_changes_nothing_but_the_kernel(impl):
+    base = gpt.ModelConfig(vocab_size=30, n_layer=2, n_embd=32, n_head=4, block_size=24)
+    graphdef, params = gpt.init_params(base, jax.random.key(3))
+    other = gpt.init_params(gpt.ModelConfig(**{**base.__dict__, "attention": impl,
+                                               "attention_block": 8}), jax.random.key(3))[0]
+    idx = jnp.asarray(rng.integers(0, 30, size=(2, 20)), jnp.int32)
+    loss = lambda g: lambda p: cross_entropy(gpt.forward(g, p, idx[:, :-1]), idx[:, 1:])  # noqa: E731
+    l0, g0 = jax.value_and_grad(loss(graphdef))(params)
+    l1, g1 = jax.value_and_grad(loss(other))(params)
+    assert float(l1) == pytest.approx(float(l0), abs=1e-5)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
