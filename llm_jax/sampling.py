@@ -44,19 +44,24 @@ from llm_jax import model as gpt
 from llm_jax.errors import UserError
 
 
-def choose_token(logits_BV, key, temperature, top_k: int = 0, top_p=1.0):
-    """Pick the next token from float32 logits: greedy when temperature == 0, else sampled."""
+def choose_token(logits_BV, key, temperature, top_k: int = 0, top_p: float = 1.0):
+    """Pick the next token from float32 logits: greedy when temperature == 0, else sampled.
+
+    top_k and top_p are static (Python numbers): a filter that keeps everything is not built.
+    """
     greedy_B = jnp.argmax(logits_BV, axis=-1)
+    V = logits_BV.shape[-1]
     logits_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-    if top_k > 0:
-        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+    if 0 < top_k < V:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
-    keep_BV = (before_BV < top_p) | (jnp.arange(sorted_BV.shape[-1]) == 0)
-    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
+        keep_BV = (before_BV < top_p) | (jnp.arange(V) == 0)
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     sampled_B = jax.random.categorical(key, logits_BV, axis=-1)
     return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
@@ -64,7 +69,7 @@ def choose_token(logits_BV, key, temperature, top_k: int = 0, top_p=1.0):
 _split_layers = jax.jit(gpt.split_layers)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "top_k"))
+@partial(jax.jit, static_argnames=("graphdef", "top_k", "top_p"))
 def _prefill(graphdef, params, layers, idx_BP, mask_BP, key, temperature, top_k: int, top_p):
     B, P = idx_BP.shape
     cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B)
@@ -79,7 +84,8 @@ def _prefill(graphdef, params, layers, idx_BP, mask_BP, key, temperature, top_k:
     return token_B, state
 
 
-@partial(jax.jit, static_argnames=("graphdef", "top_k", "steps"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("graphdef", "top_k", "top_p", "steps"),
+         donate_argnames=("state",))
 def _decode_chunk(graphdef, params, layers, state, key, step0, temperature, top_k: int, top_p,
                   steps: int):
     """`steps` decode steps in one scan: feed the last token, choose the next.
@@ -131,7 +137,7 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
     rows = [list(p[-S:]) for p in prompts]
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
-    top_p = float(top_p)
+    top_k, top_p = int(top_k), float(top_p)
     layers = _split_layers(params)  # once per call: every decode step reads these
 
     def take(tokens_NB) -> list[list[int]]:
