@@ -1,0 +1,161 @@
+"""Parallelism: a device mesh, named shardings, and plain `jax.jit`.
+
+There is no parallel code path: the train step is the same jitted function on one CPU, on a
+multi-GPU node and on a TPU pod slice. What changes is where the arrays live:
+- the mesh has two axes, ("data", "fsdp"), of sizes train.data_parallel x train.fsdp;
+- every global batch (A, B, T) is split along B over all devices of both axes;
+- params and optimizer state are replicated over "data" and sharded over "fsdp": each array is
+  cut along its largest dimension that the fsdp size divides (fully sharded data parallelism,
+  ZeRO-3 style), or replicated when none does (scalars, small vectors);
+- `jax.jit` compiles the step for those input shardings (GSPMD inserts the all-gathers of the
+  weights and the reduce-scatters of the gradients) and the outputs keep them, so donation
+  reuses the buffers step after step.
+`jax.pmap` is not used: since JAX 0.8 it is a maintenance-mode wrapper over jit + shard_map.
+`data_parallel_step` shows the same data-parallel step written out with `shard_map` and an
+explicit all-reduce, for reading.
+
+Multi-host: `initialize` calls `jax.distributed.initialize` (JAX's own multi-controller runtime:
+every process runs this same program and sees all devices of the job). Each process builds only
+its own rows of every global batch (`put_batch`); orbax saves and restores checkpoints
+collectively; logging happens on process 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llm_jax.errors import UserError
+
+AXES = ("data", "fsdp")
+
+
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+               timeout_s: int = 300) -> None:
+    """Join a multi-process job, once, before anything touches a device.
+
+    With no coordinator, JAX's own detection is used where it exists (Cloud TPU VMs, SLURM,
+    Open MPI); on one machine without those, nothing happens.
+    """
+    if coordinator:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"with train.coordinator set, train.num_processes (got "
+                            f"{num_processes}) and train.process_id (got {process_id}) must "
+                            "say how many processes there are and which one this is")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only setting
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all of them). data=-1: all that fsdp leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise UserError(f"train.fsdp={fsdp} must divide the {n} devices")
+    data = n // fsdp if data == -1 else data
+    if data < 1 or data * fsdp != n:
+        raise UserError(f"train.data_parallel={data} x train.fsdp={fsdp} must equal the number "
+                        f"of devices ({n}), or set train.data_parallel=-1")
+    return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
+
+
+def spec_for(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest dimension that fsdp divides; replicate when none does (or fsdp == 1)."""
+    if fsdp > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
+                return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+    return P()
+
+
+def state_shardings(tree, mesh: Mesh):
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): params, optimizer state.
+
+    The rule depends on the shape only, so Adam's moments get the shardings of their params.
+    """
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec_for(np.shape(x), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(A, B, T) micro-batches: B split over every device of the mesh."""
+    return NamedSharding(mesh, P(None, AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise UserError(f"train.batch_size={batch_size} must be a multiple of the {mesh.size} "
+                        "devices of the mesh (each gets an equal share of every micro-batch)")
+
+
+def put_batch(batch: tuple, mesh: Mesh) -> tuple:
+    """Global (A, B, T) numpy arrays -> global jax.Arrays split along B.
+
+    Every process may compute the whole global batch (it is a pure function of seed and step);
+    each one hands JAX only the rows its own devices hold.
+    """
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return tuple(None if a is None else jax.device_put(a, sharding) for a in batch)
+    out = []
+    for a in batch:
+        if a is None:
+            out.append(None)
+            continue
+        index = sharding.addressable_devices_indices_map(a.shape)
+        rows = sorted({(s[1].start or 0, s[1].stop or a.shape[1]) for s in index.values()})
+        local = np.concatenate([a[:, lo:hi] for lo, hi in rows], axis=1)
+        out.append(jax.make_array_from_process_local_data(sharding, local, a.shape))
+    return tuple(out)
+
+
+def shard(tree, mesh: Mesh):
+    """Place params / optimizer state on the mesh with `state_shardings`."""
+    return jax.device_put(tree, state_shardings(tree, mesh))
+
+
+def abstract_on(tree, mesh: Mesh):
+    """ShapeDtypeStructs carrying the mesh's shardings: what a checkpoint restores onto."""
+    shardings = state_shardings(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def data_parallel_step(loss_fn, mesh: Mesh, learning_rate: float):
+    """A data-parallel SGD step written out with shard_map, for reading.
+
+    Each device computes the loss of its own rows; the gradient of the *mean over devices* of
+    that loss is taken, with the params replicated (P()). Under shard_map the transpose of a
+    replicated input already sums the per-device cotangents, so differentiating the averaged
+    loss gives the global mean gradient; applying `pmean` to per-device gradients of replicated
+    params would count them again. The jitted GSPMD step does the same without any of this.
+    """
+    from jax import shard_map
+
+    def step(params, x_BT, y_BT):
+        def local(params, x_bT, y_bT):
+            def mean_loss(p):
+                return jax.lax.pmean(loss_fn(p, x_bT, y_bT), AXES)
+
+            loss, grads = jax.value_and_grad(mean_loss)(params)
+            return loss, grads
+
+        loss, grads = shard_map(local, mesh=mesh, in_specs=(P(), P(AXES), P(AXES)),
+                                out_specs=(P(), P()))(params, x_BT, y_BT)
+        params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+        return params, loss
+
+    return jax.jit(step)
+
+
+def describe(mesh: Mesh) -> str:
+    n = jax.process_count()
+    return (f"{mesh.size} devices ({mesh.shape['data']} data x {mesh.shape['fsdp']} fsdp) on "
+            f"{n} process{'es' if n > 1 else ''}")
