@@ -60,6 +60,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm
     attention: str = "reference"  # reference (the formula) | xla (jax.nn) | flash (tiled)
     attention_block: int = 512  # flash: tile length in tokens
+    remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 
     @property
     def padded_vocab_size(self) -> int:
@@ -228,6 +229,8 @@ class GPT(nnx.Module):
             state, k = xs
             return nnx.merge(block_def, state)(x_ND, T, k, rope), None
 
+        if self.cfg.remat:  # keep only each block's input for the backward; recompute the rest
+            layer = jax.checkpoint(layer)
         x_ND, _ = jax.lax.scan(layer, x_BTD.reshape(B * T, D), (block_state, keys_L),
                                unroll=self.cfg.scan_unroll)
         return self.head(x_ND).reshape(B, T, -1)

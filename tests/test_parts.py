@@ -151,3 +151,24 @@ def test_the_attention_choice_changes_nothing_but_the_kernel(impl):
     assert float(l1) == pytest.approx(float(l0), abs=1e-5)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_remat_and_bf16_compute_keep_float32_params():
+    """Rematerialised blocks give the same gradients; bf16 compute keeps float32 params and
+    stays close to float32 (mixed precision)."""
+    base = dict(vocab_size=30, n_layer=2, n_embd=32, n_head=4, block_size=16)
+    idx = jnp.asarray(rng.integers(0, 30, size=(2, 16)), jnp.int32)
+
+    def loss_and_grads(**kw):
+        graphdef, params = gpt.init_params(gpt.ModelConfig(**base, **kw), jax.random.key(0))
+        f = lambda p: cross_entropy(gpt.forward(graphdef, p, idx[:, :-1]), idx[:, 1:])  # noqa
+        return jax.value_and_grad(f)(params)
+
+    l0, g0 = loss_and_grads()
+    l1, g1 = loss_and_grads(remat=True)
+    assert float(l1) == float(l0)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-6)
+    l2, g2 = loss_and_grads(dtype="bfloat16")
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g2))
+    assert abs(float(l2) - float(l0)) < 2e-2
