@@ -146,15 +146,20 @@ class _Vocab:
         return new
 
 
+def _start(text: str, vocab_size: int, specials: list[str], pattern: str, log):
+    """What both trainers start from: the vocabulary, each distinct chunk as a list of byte ids,
+    and how often each chunk occurs."""
+    chunks = count_chunks(text, pattern, specials)
+    return (_Vocab(vocab_size, specials, log), [list(c.encode("utf-8")) for c in chunks],
+            list(chunks.values()))
+
+
 def train_bpe(text: str, vocab_size: int, specials: Iterable[str] = (EOT,),
               pattern: str = GPT2_PATTERN, log: Callable[[str], None] | None = None,
               ) -> BPETokenizer:
     """Learn `vocab_size` tokens (bytes + merges + specials) from text, incrementally."""
     specials = list(specials)
-    vocab = _Vocab(vocab_size, specials, log)
-    chunks = count_chunks(text, pattern, specials)
-    words = [list(chunk.encode("utf-8")) for chunk in chunks]
-    freqs = list(chunks.values())
+    vocab, words, freqs = _start(text, vocab_size, specials, pattern, log)
     counts: dict[Pair, int] = defaultdict(int)  # pair -> occurrences in the text
     where: dict[Pair, set[int]] = defaultdict(set)  # pair -> indices of the words holding it
     for w, word in enumerate(words):
@@ -205,10 +210,7 @@ def train_bpe_naive(text: str, vocab_size: int, specials: Iterable[str] = (EOT,)
                     ) -> BPETokenizer:
     """The same merges as `train_bpe`, recounting every pair of every chunk after each merge."""
     specials = list(specials)
-    vocab = _Vocab(vocab_size, specials, log)
-    chunks = count_chunks(text, pattern, specials)
-    words = [list(chunk.encode("utf-8")) for chunk in chunks]
-    freqs = list(chunks.values())
+    vocab, words, freqs = _start(text, vocab_size, specials, pattern, log)
     while len(vocab.merges) < vocab.wanted:
         counts: dict[Pair, int] = defaultdict(int)
         for word, f in zip(words, freqs):
