@@ -5,20 +5,23 @@
     echo "def main():" | python sample.py --prompt -    # prompt from stdin
     python sample.py --prompt_file prompt.txt --temperature 0 --max_new_tokens 200
     python sample.py --init_from gpt2 --prompt "Hello"   # a Hugging Face GPT-2 directory
+    python sample.py --out_dir out/sft --chat --temperature 0   # chat: a user turn per line
 """
 
 import argparse
+import itertools
 import sys
 
 import jax
 
+from llm_jax import sft
 from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
 from llm_jax.sampling import (beam_search, cut_at_stop, generate, generate_batch, stop_strings,
                               stream_text)
-from llm_jax.tokenizers import gpt2_tokenizer
+from llm_jax.tokenizers import AddedTokens, gpt2_tokenizer
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +44,54 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--length_penalty", type=float, default=1.0,
                    help="beam search score: logp / length**length_penalty")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--chat", action="store_true", help="chat with a fine-tuned model "
+                   "(train.py sft): each line of stdin is a user turn, until end of input")
+    p.add_argument("--system", default="", help="--chat: a system message opening the chat")
     return p.parse_args(argv)
+
+
+def chat(args, graphdef, params, model_cfg, tokenizer) -> None:
+    """Read user turns from stdin, stream each reply up to <|end|>; the conversation is kept
+    within the context by dropping its oldest turns."""
+    if not isinstance(tokenizer, AddedTokens) or sft.END not in tokenizer.ids:
+        raise UserError(f"the model in {args.out_dir!r} has no chat tokens: fine-tune it first, "
+                        f"e.g. python train.py sft --init_from={args.out_dir} --out_dir=out/sft")
+    n_base, S = tokenizer.base.vocab_size, model_cfg.block_size
+    room = min(args.max_new_tokens, S // 2)  # context kept free for the reply
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    for turn in itertools.count():
+        if interactive:
+            print("you: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        try:
+            ids, kept = sft.fit_conversation(
+                tokenizer, messages + [{"role": "user", "content": line.rstrip("\r\n")}],
+                S - room)
+        except UserError as e:  # e.g. a character outside a char vocabulary: skip the turn
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        messages = kept
+        reply: list[int] = []
+
+        def until_special(new_ids):
+            for t in new_ids:
+                if t >= n_base:  # <|end|> (or another turn marker): the reply is over
+                    return
+                reply.append(t)
+                yield t
+
+        new_ids = generate(graphdef, params, ids, max_new_tokens=args.max_new_tokens,
+                           key=jax.random.fold_in(jax.random.key(args.seed), turn),
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           stop=lambda out: out[-1] >= n_base)
+        for piece in stream_text(tokenizer, until_special(new_ids)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
 
 
 def read_prompt(args, tokenizer) -> str:
@@ -69,6 +119,10 @@ def main(argv: list[str]) -> None:
     else:
         graphdef, params, config, tokenizer = load_model(args.out_dir, args.ckpt)
         model_cfg = config.model
+    if not 0 < args.top_p <= 1:
+        raise UserError("top_p must be in (0, 1]")
+    if args.chat:
+        return chat(args, graphdef, params, model_cfg, tokenizer)
     prompt = read_prompt(args, tokenizer)
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -80,8 +134,6 @@ def main(argv: list[str]) -> None:
         print(f"note: the prompt has {len(ids)} tokens; keeping the last "
               f"{model_cfg.block_size} (the context length)", file=sys.stderr)
         ids = ids[-model_cfg.block_size:]
-    if not 0 < args.top_p <= 1:
-        raise UserError("top_p must be in (0, 1]")
     key = jax.random.key(args.seed)
     if args.beam > 1:
         out = beam_search(graphdef, params, ids, beam=args.beam,

@@ -1,9 +1,12 @@
-"""Train a GPT.
+"""Train a GPT, or a masked LM, classifier or encoder-decoder (model.family).
 
     python train.py                          # the default small character model, built-in corpus
     python train.py shakespeare_char         # a preset from configs/ (or a path to a .toml file)
     python train.py --max_iters=200 --model.n_layer=2 --train.out_dir=out/try
     python train.py --resume=true            # continue the run in out_dir
+    python train.py mlm                      # BERT-style masked LM (configs/mlm.toml)
+    python train.py classify                 # a classifier fine-tuned from out/mlm
+    python train.py seq2seq                  # an encoder-decoder on a built-in task
 
 Overrides are --section.key=value, or --key=value when the key name is unique; see
 llm_jax/config.py for every key.
@@ -16,7 +19,12 @@ from llm_jax.training import train
 
 def main(argv: list[str]) -> None:
     config = load_config(argv)
-    summary = train(config)
+    if config.model.family == "gpt":
+        summary = train(config)
+    else:
+        from llm_jax.family_training import train_family
+
+        summary = train_family(config)
     print(f"done: {summary['steps']} steps, val loss {summary.get('val_loss', float('nan')):.4f}; "
           f"checkpoints in {summary['out_dir']}")
 

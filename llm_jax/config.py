@@ -20,6 +20,7 @@ from typing import Any
 from llm_jax.errors import UserError
 from llm_jax.attention import IMPLEMENTATIONS
 from llm_jax.model import NORMS, POSITIONS, ModelConfig
+from llm_jax.tasks import FAMILIES, TASKS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,12 +33,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin"  # builtin (Python's docs, no download) | text (path) | shakespeare
+    # | sft (built-in instructions, llm_jax/sft.py) | jsonl (path: conversations, fine-tuning)
     path: str = ""  # text: a file or a folder of .txt/.md files; shakespeare: optional local copy
     tokenizer: str = "char"  # char (vocabulary built from the corpus) | gpt2 (tiktoken BPE) | bpe
     bpe_path: str = ""  # bpe: a tokenizer file from `python -m llm_jax.bpe train` ...
     bpe_vocab_size: int = 0  # ... or train one of this many tokens on the train split (>= 257)
     val_fraction: float = 0.1  # the last fraction of the text is held out for validation
     data_dir: str = "data"  # prepared token files live in a subfolder of this
+    sft_examples: int = 20000  # sft: built-in instructions made (val_fraction of them held out)
+    sft_tasks: str = "add,sub,reverse,upper,first"  # sft: which kinds of instruction
+    sft_seed: int = 0  # sft: the examples are a function of this seed
+    pack: bool = True  # sft/jsonl: pack examples into rows (no attention across them), or pad
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
     inspect_interval: int = 0  # steps between gradient/activation statistics (0: off)
     label_smoothing: float = 0.0  # train towards (1 - eps) * one-hot + eps / V (eval: plain loss)
+    freeze: str = ""  # params left unchanged, e.g. "wte,h.0,h.1": regexes over param paths
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,15 @@ def validate(config: Config) -> None:
     if m.position == "rope" and m.head_dim % 2:
         raise UserError(f"model.position=rope needs an even head dimension, got "
                         f"n_embd / n_head = {m.head_dim}")
+    if m.family not in FAMILIES:
+        raise UserError(f"model.family must be one of {', '.join(FAMILIES)}, got {m.family!r}"
+                        + _suggest(m.family, FAMILIES))
+    if m.task and m.task not in TASKS.get(m.family, ()):
+        raise UserError(f"model.task={m.task!r} is not a task of model.family={m.family} "
+                        f"(its tasks: {', '.join(TASKS.get(m.family, ())) or 'none'})")
+    if m.n_dec_layer < 0 or m.n_class < 0 or not 0.0 < m.mask_prob < 1.0:
+        raise UserError("model.n_dec_layer and model.n_class must be >= 0 and model.mask_prob "
+                        f"in (0, 1), got {m.n_dec_layer}, {m.n_class}, {m.mask_prob}")
     for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval",
                  "ckpt_interval"):
         if getattr(t, name) < 1:
@@ -178,11 +194,12 @@ def validate(config: Config) -> None:
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    if d.source not in ("builtin", "text", "shakespeare"):
-        raise UserError(
-            f"unknown data.source {d.source!r}: use builtin, text or shakespeare"
-            + _suggest(d.source, ("builtin", "text", "shakespeare"))
-        )
+    sources = ("builtin", "text", "shakespeare", "sft", "jsonl")
+    if d.source not in sources:
+        raise UserError(f"unknown data.source {d.source!r}: use {', '.join(sources)}"
+                        + _suggest(d.source, sources))
+    if d.source == "sft" and d.sft_examples < 2:
+        raise UserError(f"data.sft_examples must be at least 2, got {d.sft_examples}")
     if d.tokenizer not in ("char", "gpt2", "bpe"):
         raise UserError(f"unknown data.tokenizer {d.tokenizer!r}: use char, gpt2 or bpe")
     if d.tokenizer != "bpe" and (d.bpe_path or d.bpe_vocab_size):

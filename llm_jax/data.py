@@ -175,6 +175,9 @@ def read_corpus(data_cfg: DataConfig) -> Corpus:
         return read_text_files(data_cfg.path, data_cfg.tokenizer)
     if data_cfg.source == "shakespeare":
         return read_shakespeare(data_cfg.path, data_cfg.data_dir)
+    if data_cfg.source in ("sft", "jsonl"):  # conversations, not a corpus: llm_jax/sft.py
+        raise UserError(f"data.source={data_cfg.source} is fine-tuning data (llm_jax.sft.prepare), "
+                        "not a text corpus")
     raise UserError(f"unknown data.source {data_cfg.source!r}: use builtin, text or shakespeare")
 
 

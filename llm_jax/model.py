@@ -21,6 +21,9 @@ Design choices:
   cache of S = block_size slots, with explicit position ids and a (B, S) mask of valid cache
   slots, so prompts of different lengths share one batch (left padding). It reuses the same
   params; `forward` is untouched.
+- Packing (`segment_ids_BT`, for fine-tuning on short examples): several examples share a row;
+  attention is causal within each example's segment only, through the reference formula with a
+  (B, T, T) mask (`segment_mask`), and positions restart at 0 at each example's first token.
 - Params are float32; `dtype` sets the compute dtype; softmax and logits are float32.
 - The embedding table may be padded (50257 -> 50304 rows) for faster matmuls; the logits are cut
   back to `vocab_size`, so padding never changes results.
@@ -61,6 +64,11 @@ class ModelConfig:
     attention: str = "reference"  # reference (the formula) | xla (jax.nn) | flash (tiled)
     attention_block: int = 512  # flash: tile length in tokens
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    family: str = "gpt"  # gpt | mlm (BERT-style masked LM) | classifier | seq2seq (enc-dec)
+    n_dec_layer: int = 0  # seq2seq: decoder blocks (0: as many as n_layer, the encoder's)
+    task: str = ""  # classifier: shuffled; seq2seq: dates | reverse ("": the family's default)
+    n_class: int = 0  # classifier: classes (0: from the task)
+    mask_prob: float = 0.15  # mlm: share of (non-special, non-pad) tokens chosen for the loss
 
     @property
     def padded_vocab_size(self) -> int:
@@ -115,6 +123,22 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHK, key=None, rate: float = 0.0):
                               dropout_key=key)
 
 
+def segment_positions(segment_ids_BT):
+    """Position ids that restart at 0 where the segment id changes (packed examples)."""
+    T = segment_ids_BT.shape[1]
+    starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+                                 segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    t_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
+    return t_BT - jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+
+
+def segment_mask(segment_ids_BT):
+    """(B, T, T): causal, and within the query's own segment: packed examples never see each
+    other."""
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return same_BTT & attn_lib.causal_mask(segment_ids_BT.shape[1])[None]
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -122,7 +146,7 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, rngs,
                               std=0.02 / math.sqrt(2 * cfg.n_layer))  # GPT-2's residual scaling
 
-    def __call__(self, x_ND, T: int, key=None, rope=None):
+    def __call__(self, x_ND, T: int, key=None, rope=None, segment_ids_BT=None):
         cfg = self.cfg
         N, D = x_ND.shape
         k_att, k_out = jax.random.split(key) if key is not None else (None, None)
@@ -131,9 +155,13 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (t.reshape(N // T, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y_BTHK = attn_lib.attention(q, k, v, causal=True, impl=cfg.attention,
-                                    dropout_rate=cfg.dropout, dropout_key=k_att,
-                                    block_size=cfg.attention_block)
+        if segment_ids_BT is not None:  # packed rows: the formula with a per-row mask
+            y_BTHK = attn_lib.masked_attention(q, k, v, segment_mask(segment_ids_BT), k_att,
+                                               cfg.dropout)
+        else:
+            y_BTHK = attn_lib.attention(q, k, v, causal=True, impl=cfg.attention,
+                                        dropout_rate=cfg.dropout, dropout_key=k_att,
+                                        block_size=cfg.attention_block)
         return dropout(self.c_proj(y_BTHK.reshape(N, D)), cfg.dropout, k_out)
 
 
@@ -156,9 +184,9 @@ class Block(nnx.Module):
         self.ln_2 = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_ND, T: int, key=None, rope=None):
+    def __call__(self, x_ND, T: int, key=None, rope=None, segment_ids_BT=None):
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        x_ND = x_ND + self.attn(self.ln_1(x_ND), T, k_attn, rope)
+        x_ND = x_ND + self.attn(self.ln_1(x_ND), T, k_attn, rope, segment_ids_BT)
         x_ND = x_ND + self.mlp(self.ln_2(x_ND), k_mlp)
         return x_ND
 
@@ -210,24 +238,26 @@ class GPT(nnx.Module):
             x_BTD = x_BTD * math.sqrt(self.cfg.n_embd)
         return x_BTD
 
-    def embed(self, idx_BT, key=None):
-        T = idx_BT.shape[1]
-        x_BTD = self.tokens(idx_BT) + self.positions(jnp.arange(T)[None])
+    def embed(self, idx_BT, key=None, pos_BT=None):
+        pos_BT = jnp.arange(idx_BT.shape[1])[None] if pos_BT is None else pos_BT
+        x_BTD = self.tokens(idx_BT) + self.positions(pos_BT)
         return dropout(x_BTD, self.cfg.dropout, key)
 
-    def forward_embeddings(self, x_BTD, key=None):
+    def forward_embeddings(self, x_BTD, key=None, segment_ids_BT=None):
         """Blocks, final norm and tied head: embeddings (B, T, D) -> float32 logits (B, T, V).
 
         The embeddings already hold the added positions (`embed`); rotary positions 0..T-1 are
-        applied inside attention."""
+        applied inside attention. segment_ids_BT (optional): packed examples; a token attends
+        only to earlier tokens of its own segment, and positions restart at each segment."""
         B, T, D = x_BTD.shape
         keys_L = jax.random.split(key, self.cfg.n_layer) if key is not None else None
         block_def, block_state = nnx.split(self.h)
-        rope = self.rope(jnp.arange(T)[None])
+        rope = self.rope(jnp.arange(T)[None] if segment_ids_BT is None
+                         else segment_positions(segment_ids_BT))
 
         def layer(x_ND, xs):
             state, k = xs
-            return nnx.merge(block_def, state)(x_ND, T, k, rope), None
+            return nnx.merge(block_def, state)(x_ND, T, k, rope, segment_ids_BT), None
 
         if self.cfg.remat:  # keep only each block's input for the backward; recompute the rest
             layer = jax.checkpoint(layer)
@@ -240,9 +270,11 @@ class GPT(nnx.Module):
         logits_NV = self.wte.attend(self.ln_f(x_ND))
         return logits_NV[:, : self.cfg.vocab_size].astype(jnp.float32)
 
-    def __call__(self, idx_BT, key=None):
+    def __call__(self, idx_BT, key=None, segment_ids_BT=None):
         k_embd, k_blocks = jax.random.split(key) if key is not None else (None, None)
-        return self.forward_embeddings(self.embed(idx_BT, k_embd), k_blocks)
+        pos_BT = None if segment_ids_BT is None else segment_positions(segment_ids_BT)
+        return self.forward_embeddings(self.embed(idx_BT, k_embd, pos_BT), k_blocks,
+                                       segment_ids_BT)
 
 
 def split_layers(params: dict) -> list[dict]:
@@ -331,9 +363,12 @@ def merge(graphdef: nnx.GraphDef, params: dict) -> GPT:
     return nnx.merge(graphdef, nnx.State(params))
 
 
-def forward(graphdef: nnx.GraphDef, params: dict, idx_BT, key=None):
-    """Token ids (B, T) -> float32 logits (B, T, V). Pure: safe under jit, grad and vmap."""
-    return merge(graphdef, params)(idx_BT, key)
+def forward(graphdef: nnx.GraphDef, params: dict, idx_BT, key=None, segment_ids_BT=None):
+    """Token ids (B, T) -> float32 logits (B, T, V). Pure: safe under jit, grad and vmap.
+
+    segment_ids_BT (optional, ints): several examples packed in a row, one id each; attention
+    stays within an example and positions restart at its first token."""
+    return merge(graphdef, params)(idx_BT, key, segment_ids_BT)
 
 
 def count_params(cfg: ModelConfig, params: dict, non_embedding: bool = True) -> int:

@@ -1,9 +1,13 @@
 """The train and eval steps: pure functions, jitted once.
 
 `train_step(params, opt_state, batch, key) -> (params, opt_state, metrics)`. The batch holds
-`grad_accum` micro-batches, (A, B, T) each for inputs and targets. Gradients of the *summed*
-loss are added over micro-batches in a `lax.scan` and divided once by the total token count, so
-the result is the gradient of the mean over every token of the step, however it is split.
+`grad_accum` micro-batches, (A, B, T) each: `(x, y)` (inputs, targets), or `(x, y, mask)`, or
+`(x, y, mask, segment_ids)` for fine-tuning (llm_jax/sft.py): the loss counts the targets where
+mask is 1 (an answer's tokens, not its prompt or padding), and segment ids keep packed
+examples from attending to each other (None: one sequence per row). Gradients of the *summed*
+loss are added over micro-batches in a `lax.scan` and divided once by the total count of
+counted tokens, so the result is the gradient of the mean over every counted token of the step,
+however it is split and however unevenly the masks fall (never a mean of means).
 params and opt_state are donated: their buffers are reused for the updated values.
 
 `make_train_step(graphdef, tx, inspect=True)` compiles a second variant of the same step whose
@@ -23,17 +27,18 @@ from llm_jax.loss import cross_entropy_sum
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = False,
                     label_smoothing: float = 0.0):
-    def summed_loss(params, x_BT, y_BT, key):
-        logits_BTV = gpt.forward(graphdef, params, x_BT, key)
-        return cross_entropy_sum(logits_BTV, y_BT, label_smoothing=label_smoothing)
+    def summed_loss(params, x_BT, y_BT, mask_BT, seg_BT, key):
+        logits_BTV = gpt.forward(graphdef, params, x_BT, key, segment_ids_BT=seg_BT)
+        return cross_entropy_sum(logits_BTV, y_BT, mask_BT, label_smoothing=label_smoothing)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def train_step(params, opt_state, batch, key):
-        x_ABT, y_ABT = batch
+        x_ABT, y_ABT, mask_ABT, seg_ABT = (*batch, None, None)[:4]
         keys_A = jax.random.split(key, x_ABT.shape[0])
         if x_ABT.shape[0] == 1:
-            (loss_sum, count), grads = grad_fn(params, x_ABT[0], y_ABT[0], keys_A[0])
+            first = (None if a is None else a[0] for a in (x_ABT, y_ABT, mask_ABT, seg_ABT))
+            (loss_sum, count), grads = grad_fn(params, *first, keys_A[0])
         else:
             def micro_step(carry, xs):
                 grads_acc, loss_acc, count_acc = carry
@@ -43,7 +48,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = 
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             init = (zeros, jnp.float32(0), jnp.float32(0))
-            (grads, loss_sum, count), _ = jax.lax.scan(micro_step, init, (x_ABT, y_ABT, keys_A))
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                micro_step, init, (x_ABT, y_ABT, mask_ABT, seg_ABT, keys_A))
+        count = jnp.maximum(count, 1.0)  # all masks 0: zero gradients, not NaN
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
@@ -57,8 +64,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = 
 
 
 def make_eval_step(graphdef):
-    def eval_step(params, x_BT, y_BT):
-        loss_sum, count = cross_entropy_sum(gpt.forward(graphdef, params, x_BT), y_BT)
-        return loss_sum / count
+    def eval_step(params, x_BT, y_BT, mask_BT=None, seg_BT=None):
+        logits_BTV = gpt.forward(graphdef, params, x_BT, segment_ids_BT=seg_BT)
+        loss_sum, count = cross_entropy_sum(logits_BTV, y_BT, mask_BT)
+        return loss_sum / jnp.maximum(count, 1.0)
 
     return jax.jit(eval_step)

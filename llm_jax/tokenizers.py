@@ -16,6 +16,9 @@ Design choices:
 - The char tokenizer is nanoGPT's shakespeare_char: the sorted set of characters in the corpus,
   id = position. It has no end-of-text token. Text with characters outside the vocabulary is a
   user mistake (typically a prompt), reported with the offending characters, never dropped.
+- Special tokens for a chat template (llm_jax/sft.py) are appended to any of the three by
+  `AddedTokens`, after the existing ids, which therefore keep their meaning; `to_json` records
+  them as "added_tokens" beside the base tokenizer's own fields.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -198,6 +202,66 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
+# --- Added special tokens ----------------------------------------------------------------------
+
+
+class AddedTokens:
+    """A tokenizer with special tokens appended after its vocabulary.
+
+    The added tokens get ids base.vocab_size, base.vocab_size + 1, ...: every existing id keeps
+    its meaning, so a model trained with the base tokenizer keeps its embedding rows (GPT-2:
+    50257, 50258, ..., inside the 50304 padded rows). Written in text, an added token is one
+    special id, as GPT-2's "<|endoftext|>" is; `kind` and `eot_id` are the base's.
+    """
+
+    def __init__(self, base: Tokenizer, tokens: list[str]):
+        tokens = list(tokens)
+        if not tokens or len(set(tokens)) != len(tokens) or not all(tokens) or EOT in tokens:
+            raise UserError(f"added tokens must be distinct, non-empty and not {EOT}: {tokens}")
+        self.base, self.added = base, tokens
+        self.kind, self.eot_id = base.kind, base.eot_id
+        self.ids = {t: base.vocab_size + i for i, t in enumerate(tokens)}
+        self.vocab_size = base.vocab_size + len(tokens)
+        longest_first = sorted(tokens, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for i, piece in enumerate(self._split.split(text)):  # odd pieces are added tokens
+            if i % 2:
+                ids.append(self.ids[piece])
+            elif piece:
+                ids.extend(self.base.encode(piece))
+        return ids
+
+    def decode(self, ids) -> str:
+        out, run, n = [], [], self.base.vocab_size
+        for i in check_ids(ids, self.vocab_size):
+            if i < n:
+                run.append(i)
+            else:
+                out += [self.base.decode(run), self.added[i - n]]
+                run = []
+        return "".join(out) + self.base.decode(run)
+
+    def to_json(self) -> dict:
+        return {**self.base.to_json(), "added_tokens": list(self.added)}
+
+
+def with_added_tokens(tokenizer: Tokenizer, tokens: list[str]) -> AddedTokens:
+    """`tokenizer` with `tokens` appended, or `tokenizer` itself when it has exactly those."""
+    if isinstance(tokenizer, AddedTokens):
+        if tokenizer.added == list(tokens):
+            return tokenizer
+        raise UserError(f"the tokenizer already has other added tokens: {tokenizer.added}")
+    return AddedTokens(tokenizer, tokens)
+
+
+def base_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer without its added tokens."""
+    return tokenizer.base if isinstance(tokenizer, AddedTokens) else tokenizer
+
+
 # --- Choosing one ------------------------------------------------------------------------------
 
 
@@ -213,6 +277,12 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
 
 def tokenizer_from_json(d: dict) -> Tokenizer:
     """Rebuild a tokenizer saved with its `to_json()`."""
+    if isinstance(d, dict) and "added_tokens" in d:
+        added = d["added_tokens"]
+        if not (isinstance(added, list) and all(isinstance(t, str) for t in added)):
+            raise UserError("saved tokenizer's 'added_tokens' must be a list of strings")
+        return AddedTokens(tokenizer_from_json({k: v for k, v in d.items()
+                                                if k != "added_tokens"}), added)
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "gpt2":
         return gpt2_tokenizer()

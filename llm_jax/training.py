@@ -4,6 +4,12 @@
 `train.seed`: the params from one key, the dropout of step s from `fold_in(key, s)`, the batch of
 step s from (seed, s) (see `llm_jax.data.get_batch`). A checkpoint therefore needs only the step
 to continue exactly, and `--resume` gives the run that would have happened without the stop.
+
+Fine-tuning (data.source=sft or jsonl, llm_jax/sft.py) is the same loop over batches of
+conversations with a loss mask (and segment ids when packed). Its tokenizer is the pretrained
+model's (train.init_from) with the chat tokens appended; the model's embedding table grows by
+their rows and the optimizer, with its own schedule, starts at step 0. `train.freeze` keeps
+chosen params fixed (llm_jax/optim.py).
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax import checkpoint, data, hf
+from llm_jax import checkpoint, data, hf, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
-from llm_jax.optim import learning_rate, make_optimizer
+from llm_jax.optim import frozen_mask, learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
-from llm_jax.tokenizers import GPT2_VOCAB_SIZE
+from llm_jax.tokenizers import GPT2_VOCAB_SIZE, base_tokenizer, tokenizer_from_json
 
 # Dense bf16 peak FLOP/s of known accelerators, by a substring of jax's device_kind.
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "TPU v4": 275,
@@ -54,31 +60,56 @@ def resolve_model_config(config: Config, tokenizer) -> Config:
     return dataclasses.replace(config, model=m)
 
 
-def apply_init_from(config: Config, tokenizer) -> tuple[Config, dict | None]:
+def load_init_source(config: Config):
+    """(params, ModelConfig, tokenizer or None) of train.init_from, or None when resuming."""
+    t = config.train
+    if not t.init_from or t.resume:
+        return None
+    _, params, source, tokenizer = hf.load_pretrained(t.init_from, config.model.vocab_multiple)
+    return params, source, tokenizer
+
+
+def apply_init_from(config: Config, tokenizer, source=None) -> tuple[Config, dict | None]:
     """train.init_from: the model's shape keys come from the source, its params too unless
     resuming (the run then continues from its own checkpoint). Dropout, dtype and everything
-    else come from the run's config; the optimizer starts fresh at step 0."""
+    else come from the run's config; the optimizer starts fresh at step 0. Tokens added to the
+    source's tokenizer (the chat tokens of fine-tuning) get new embedding rows."""
     t = config.train
     if t.resume:  # the shape was taken from the source when the run started: see the checkpoint
         saved = checkpoint.read_meta(t.out_dir)["config"]["model"]
         shape, params = {k: saved[k] for k in SHAPE_KEYS if k in saved}, None
     else:
-        _, params, source, source_tokenizer = hf.load_pretrained(t.init_from,
-                                                                 config.model.vocab_multiple)
-        if source.vocab_size < tokenizer.vocab_size:
+        params, source, source_tokenizer = source or load_init_source(config)
+        base = base_tokenizer(tokenizer)
+        if source.vocab_size < base.vocab_size:
             raise UserError(f"init_from {t.init_from!r} has a vocabulary of {source.vocab_size} "
                             f"tokens, fewer than data.tokenizer={config.data.tokenizer} "
-                            f"({tokenizer.vocab_size})")
+                            f"({base.vocab_size})")
         if (source_tokenizer is None and source.vocab_size == GPT2_VOCAB_SIZE
                 and tokenizer.kind != "gpt2"):  # GPT-2's weights expect GPT-2's token ids
             raise UserError(f"init_from {t.init_from!r} has GPT-2's vocabulary: set "
                             f"data.tokenizer=gpt2 (it is {config.data.tokenizer})")
-        if source_tokenizer is not None and source_tokenizer.to_json() != tokenizer.to_json():
+        if source_tokenizer is not None and source_tokenizer.to_json() not in (
+                tokenizer.to_json(), base.to_json()):
             raise UserError(f"init_from {t.init_from!r} was trained with another tokenizer "
                             f"({source_tokenizer.kind}, {source_tokenizer.vocab_size} tokens) "
                             f"than data.tokenizer={config.data.tokenizer} gives for this data")
+        if source.vocab_size < tokenizer.vocab_size:  # added tokens: new rows after the old
+            source, params = sft.grow_vocab(source, params, tokenizer.vocab_size,
+                                            jax.random.fold_in(jax.random.key(t.seed), 1))
         shape = {k: getattr(source, k) for k in SHAPE_KEYS}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **shape)), params
+
+
+def prepare_data(config: Config, source=None):
+    """data.Prepared for text, sft.SFTData for fine-tuning. Fine-tuning data takes the
+    tokenizer of its checkpoint (resuming) or of init_from, plus the chat tokens."""
+    if config.data.source not in sft.SOURCES:
+        return data.prepare(config.data)
+    if config.train.resume:
+        tokenizer = tokenizer_from_json(checkpoint.read_meta(config.train.out_dir)["tokenizer"])
+        return sft.prepare(config.data, base_tokenizer(tokenizer))
+    return sft.prepare(config.data, source[2] if source is not None else None)
 
 
 def check_same_shape(saved: dict, wanted: gpt.ModelConfig, where: str) -> None:
@@ -98,23 +129,32 @@ def _check_writable(out_dir: Path) -> None:
         raise UserError(f"cannot write to out_dir {str(out_dir)!r}: {e.strerror}") from None
 
 
-def micro_batches(tokens, cfg: Config, step: int, stream: int = 0):
-    """The batch of one optimizer step: (x, y), each (grad_accum, batch_size, block_size)."""
+def get_batch(prepared, split: str, cfg: Config, *, step: int, batch_size: int, stream: int):
+    """(x, y) windows of text, or (x, y, mask, segment ids) of fine-tuning examples."""
+    kw = dict(seed=cfg.train.seed, step=step, stream=stream, batch_size=batch_size,
+              block_size=cfg.model.block_size)
+    if isinstance(prepared, sft.SFTData):
+        return prepared.get_batch(split, **kw)
+    return data.get_batch(getattr(prepared, split), **kw)
+
+
+def micro_batches(prepared, cfg: Config, step: int, stream: int = 0):
+    """The batch of one optimizer step: (x, y[, mask, segment ids]), each (grad_accum,
+    batch_size, block_size)."""
     t = cfg.train
-    x, y = data.get_batch(tokens, seed=t.seed, step=step, stream=stream,
-                          batch_size=t.grad_accum * t.batch_size, block_size=cfg.model.block_size)
+    batch = get_batch(prepared, "train", cfg, step=step, stream=stream,
+                      batch_size=t.grad_accum * t.batch_size)
     shape = (t.grad_accum, t.batch_size, cfg.model.block_size)
-    return x.reshape(shape), y.reshape(shape)
+    return tuple(None if a is None else a.reshape(shape) for a in batch)
 
 
 def evaluate(eval_step, params, prepared, cfg: Config) -> dict[str, float]:
     """Mean loss over the same `eval_iters` batches of each split at every evaluation."""
     out = {}
     for stream, split in ((1, "train"), (2, "val")):
-        tokens = prepared.train if split == "train" else prepared.val
-        losses = [eval_step(params, *data.get_batch(
-            tokens, seed=cfg.train.seed, step=i, stream=stream, batch_size=cfg.train.batch_size,
-            block_size=cfg.model.block_size)) for i in range(cfg.train.eval_iters)]
+        losses = [eval_step(params, *get_batch(prepared, split, cfg, step=i, stream=stream,
+                                               batch_size=cfg.train.batch_size))
+                  for i in range(cfg.train.eval_iters)]
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
@@ -152,30 +192,35 @@ def log_inspection(log: _Log, step: int, metrics: dict) -> None:
 def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
-    prepared = data.prepare(config.data)
+    source = load_init_source(config)
+    prepared = prepare_data(config, source)
     pretrained = None
     if t.init_from:
-        config, pretrained = apply_init_from(config, prepared.tokenizer)
+        config, pretrained = apply_init_from(config, prepared.tokenizer, source)
+    del source
     config = resolve_model_config(config, prepared.tokenizer)
     mcfg = config.model
+    dropped = 0
+    if isinstance(prepared, sft.SFTData):
+        prepared, dropped = prepared.fit(mcfg.block_size)
     for split in ("train", "val"):  # fail now, not at the first evaluation
-        data.get_batch(getattr(prepared, split), seed=0, step=0, batch_size=1,
-                       block_size=mcfg.block_size)
+        get_batch(prepared, split, config, step=0, batch_size=1, stream=0)
     out_dir = Path(t.out_dir)
     _check_writable(out_dir)
 
-    tx = make_optimizer(t)
+    shapes = gpt.abstract_params(mcfg)[1]
+    tx = make_optimizer(t, shapes)
     k_init, k_train = jax.random.split(jax.random.key(t.seed))
     start, best_val = 0, math.inf
     if t.resume:
         meta = checkpoint.read_meta(out_dir)
         check_same_shape(meta["config"]["model"], mcfg, str(out_dir))
-        for key in ("source", "path", "tokenizer", "bpe_path", "bpe_vocab_size"):
-            if meta["config"]["data"].get(key, getattr(DataConfig(), key)) != \
-                    getattr(config.data, key):
+        for key in ("source", "path", "tokenizer", "bpe_path", "bpe_vocab_size", "sft_examples",
+                    "sft_tasks", "sft_seed", "pack"):
+            saved = meta["config"]["data"].get(key, getattr(DataConfig(), key))
+            if saved != getattr(config.data, key):
                 raise UserError(f"checkpoint in {str(out_dir)!r} was trained with data.{key}="
-                                f"{meta['config']['data'][key]!r}, the config says "
-                                f"{getattr(config.data, key)!r}")
+                                f"{saved!r}, the config says {getattr(config.data, key)!r}")
         graphdef, abstract_params = gpt.abstract_params(mcfg)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         params, opt_state, meta = checkpoint.restore(out_dir, abstract_params, abstract_opt)
@@ -216,6 +261,17 @@ def train(config: Config) -> dict:
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}"
         + (f"; resuming at step {start}" if start else "")
         + (f"; weights from {t.init_from}" if pretrained is not None else ""))
+    if isinstance(prepared, sft.SFTData):
+        m = prepared.meta
+        log(f"fine-tuning on {m['source_description']}: {len(prepared.train):,} train and "
+            f"{len(prepared.val):,} held-out examples ({dropped} longer than the context "
+            f"dropped), {'packed' if prepared.pack else 'one per row'}; loss on answers only")
+    if t.freeze:
+        mask = frozen_mask(shapes, t.freeze)
+        n_frozen = sum(np.prod(x.shape) * (np.mean(m) if not isinstance(m, bool) else m)
+                       for x, m in zip(jax.tree.leaves(shapes), jax.tree.leaves(mask)))
+        log(f"freezing {t.freeze!r}: {int(n_frozen):,} of "
+            f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)):,} params")
 
     summary = {"start_step": start, "steps": t.max_iters}
     t_last, step_last, compile_s = time.perf_counter(), start, None
@@ -228,7 +284,7 @@ def train(config: Config) -> dict:
         if first_call and compile_s is not None:
             jax.block_until_ready(params)  # time the other variant's compile on its own
             t_compile = time.perf_counter()
-        batch = micro_batches(prepared.train, config, step)
+        batch = micro_batches(prepared, config, step)
         params, opt_state, metrics = (inspect_step if inspecting else train_step)(
             params, opt_state, batch, jax.random.fold_in(k_train, step))
         if compile_s is None:  # the first step compiles: time it apart from the throughput

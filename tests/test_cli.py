@@ -5,11 +5,14 @@ training run is shared by every test that needs a checkpoint.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN, SAMPLE = str(ROOT / "train.py"), str(ROOT / "sample.py")
@@ -131,3 +134,63 @@ def test_prompt_outside_the_char_vocabulary(trained, tmp_path):
     out_dir, _ = trained
     result = run(SAMPLE, "--out_dir", out_dir, "--prompt", "héllo€", cwd=tmp_path)
     assert_user_error(result, "'é' (U+00E9)", "'€' (U+20AC)")
+
+
+# --- Fine-tuning and chat ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(trained, tmp_path_factory):
+    """The trained char model fine-tuned by `train.py sft` on a JSON Lines file for 10 steps."""
+    out_dir, args = trained
+    cwd = tmp_path_factory.mktemp("sft")
+    words = sorted({w for w in WORDS if w.isalpha() and len(w) <= 5})  # 4 + 2 * 5 <= 16 + 1
+    chat = cwd / "chat.jsonl"
+    chat.write_text("".join(f'{{"prompt": "{w}", "response": "{w[::-1]}"}}\n' for w in words * 2))
+    result = run(TRAIN, "sft", f"--init_from={out_dir}", f"--out_dir={cwd / 'sft'}",
+                 "--data.source=jsonl", f"--data.path={chat}", "--val_fraction=0.3",
+                 f"--data.data_dir={cwd / 'data'}", "--max_iters=10", "--eval_interval=10",
+                 "--log_interval=5", "--batch_size=4", "--eval_iters=2", "--progress=false",
+                 "--freeze=wte,h.0", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "loss on answers only" in result.stdout and "freezing 'wte,h.0'" in result.stdout
+    return cwd / "sft", chat
+
+
+def test_chat_replies_to_each_line_of_stdin(fine_tuned, tmp_path):
+    sft_dir, _ = fine_tuned
+    result = run(SAMPLE, "--out_dir", sft_dir, "--chat", "--temperature", 0,
+                 "--max_new_tokens", 4, cwd=tmp_path, stdin="dog\nhé\ncat\n")
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.split("\n")
+    assert len(replies) >= 3 and replies[-1] == ""  # a line per reply (a reply may hold "\n")
+    assert all(len(r) <= 4 for r in replies)
+    assert "'é' (U+00E9)" in result.stderr  # a turn the vocabulary cannot encode is skipped
+
+
+def test_sft_eval_scores_the_fine_tuned_and_the_pretrained_model(fine_tuned, trained, tmp_path):
+    sft_dir, chat = fine_tuned
+    result = run("-m", "llm_jax.sft", "eval", "--out_dir", sft_dir, "--n", 4, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"held-out accuracy: \d+\.\d% \(\d/4 exact matches", result.stdout), \
+        result.stdout
+    out_dir, _ = trained
+    result = run("-m", "llm_jax.sft", "eval", "--out_dir", out_dir, "--source", "jsonl",
+                 "--path", chat, "--val_fraction", 0.3, "--n", 4, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "has no chat tokens" in result.stdout and "held-out accuracy:" in result.stdout
+
+
+def test_chat_needs_a_fine_tuned_model(trained, tmp_path):
+    out_dir, _ = trained
+    result = run(SAMPLE, "--out_dir", out_dir, "--chat", cwd=tmp_path, stdin="hi\n")
+    assert_user_error(result, "chat tokens", str(out_dir))
+
+
+def test_bad_jsonl_line_is_named(trained, tmp_path):
+    out_dir, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "no response"}\n')
+    result = run(TRAIN, "sft", f"--init_from={out_dir}", f"--out_dir={tmp_path / 'o'}",
+                 "--data.source=jsonl", f"--data.path={bad}", cwd=tmp_path)
+    assert_user_error(result, str(bad), "line 2")

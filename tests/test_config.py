@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_module
+from llm_jax import family_training
 from llm_jax import model as gpt
 from llm_jax.config import (Config, apply, from_dict, load_config, load_preset, parse_overrides,
                             presets)
@@ -27,12 +28,23 @@ def test_presets_are_the_toml_files():
 def test_every_preset_builds_its_model(name):
     cfg = load_preset(name)
     mcfg = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=65)
-    _, abstract = gpt.abstract_params(mcfg)  # shapes only: GPT-2 XL allocates nothing
     L, D = mcfg.n_layer, mcfg.n_embd
+    if mcfg.family != "gpt":  # encoder (mlm, classify) and encoder-decoder presets
+        if mcfg.family == "classifier":  # the task sets n_class when the job is made
+            mcfg = dataclasses.replace(mcfg, n_class=2)
+        _, abstract = family_training.abstract_params(mcfg)
+        shapes = [leaf.shape for leaf in jax.tree.leaves(abstract)]
+        assert (mcfg.padded_vocab_size, D) in shapes  # the token embedding
+        assert any(s[:1] == (L,) for s in shapes)  # blocks stacked over layers
+        return
+    _, abstract = gpt.abstract_params(mcfg)  # shapes only: GPT-2 XL allocates nothing
     assert abstract["h"]["attn"]["c_attn"]["kernel"].shape == (L, D, 3 * D)
     assert abstract["h"]["mlp"]["c_fc"]["kernel"].shape == (L, D, 4 * D)
     assert abstract["wte"]["embedding"].shape == (mcfg.padded_vocab_size, D)
-    assert abstract["wpe"]["embedding"].shape == (mcfg.block_size, D)
+    if mcfg.position == "learned":
+        assert abstract["wpe"]["embedding"].shape == (mcfg.block_size, D)
+    else:  # sinusoidal and rotary positions have no table to learn
+        assert "wpe" not in abstract
     assert mcfg.padded_vocab_size % mcfg.vocab_multiple == 0
     assert mcfg.padded_vocab_size >= mcfg.vocab_size
 

@@ -214,3 +214,25 @@ def test_resume_with_another_model_shape_names_the_key(run, run_config):
     other = run_config(config.train.out_dir, model=dict(DROPOUT, n_layer=3), **RUN, resume=True)
     with pytest.raises(UserError, match="n_layer"):
         train(other)
+
+
+def test_fine_tuning_resumes_exactly(run_config, tmp_path):
+    """Packed conversations, loss mask and frozen layers: k steps + resume = N steps, to the bit;
+    the tokenizer (char vocabulary plus chat tokens) comes back from the checkpoint."""
+    lines = [{"prompt": f"reverse: {w}", "response": w[::-1]} for w in
+             "the quick brown fox jumps over a lazy dog".split()]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines * 2))
+    fields = dict(max_iters=8, eval_interval=4, eval_iters=2, ckpt_interval=4, freeze="h.0.mlp")
+
+    def config(out_dir, **changes):
+        c = run_config(tmp_path / out_dir, model={"block_size": 32}, **dict(fields, **changes))
+        return dataclasses.replace(c, data=dataclasses.replace(
+            c.data, source="jsonl", path=str(path), val_fraction=0.3))
+
+    full = train(config("full"))
+    train(config("resumed", max_iters=4))
+    rest = train(config("resumed", resume=True))
+    assert rest["start_step"] == 4
+    assert_trees_equal(rest["params"], full["params"])
+    assert rest["val_loss"] == full["val_loss"]
