@@ -29,8 +29,12 @@ FORMAT = 1
 
 
 def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    # The processes of a multi-process job meet at barriers named by step; the folder's name
+    # keeps ckpt/ and best/ saves of the same step apart.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name))
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 

@@ -70,6 +70,12 @@ class TrainConfig:
     init_from: str = ""  # "": from scratch; an HF GPT-2 dir or an llm_jax run dir: its weights
     progress: bool = True  # show a progress bar
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
+    data_parallel: int = -1  # devices on the mesh's "data" axis (-1: all that fsdp leaves)
+    fsdp: int = 1  # devices that params and optimizer state are sharded over (1: replicated)
+    coordinator: str = ""  # multi-process: process 0's "host:port", or "auto" (TPU VMs, SLURM)
+    num_processes: int = 0  # with a host:port coordinator: processes in the job
+    process_id: int = -1  # with a host:port coordinator: this process's index, 0 .. n-1
+    distributed_timeout: int = 300  # seconds to wait for the other processes (start, heartbeat)
     inspect_interval: int = 0  # steps between gradient/activation statistics (0: off)
     label_smoothing: float = 0.0  # train towards (1 - eps) * one-hot + eps / V (eval: plain loss)
     freeze: str = ""  # params left unchanged, e.g. "wte,h.0,h.1": regexes over param paths
@@ -182,7 +188,7 @@ def validate(config: Config) -> None:
         raise UserError("model.n_dec_layer and model.n_class must be >= 0 and model.mask_prob "
                         f"in (0, 1), got {m.n_dec_layer}, {m.n_class}, {m.mask_prob}")
     for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval",
-                 "ckpt_interval"):
+                 "ckpt_interval", "fsdp", "distributed_timeout"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     for name in ("max_iters", "seed", "warmup_iters", "lr_decay_iters", "keep_last",
@@ -192,6 +198,9 @@ def validate(config: Config) -> None:
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
         if not getattr(t, name) >= 0:  # also rejects nan
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
+    if t.data_parallel == 0 or t.data_parallel < -1:
+        raise UserError(f"train.data_parallel must be -1 (all devices that fsdp leaves) or at "
+                        f"least 1, got {t.data_parallel}")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     sources = ("builtin", "text", "shakespeare", "sft", "jsonl")

@@ -332,11 +332,13 @@ def load_prepared(directory) -> Prepared:
 
 
 def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, block_size: int,
-              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              stream: int = 0, rows=None) -> tuple[np.ndarray, np.ndarray]:
     """Random windows of the token array: inputs x and targets y (x shifted by one), int32 (B, T).
 
     The windows depend on (seed, stream, step) alone, never on what was drawn before: resuming at
     step s replays the same batches. Use stream 0 for training and others for evaluation.
+    `rows` (an index into the B rows) reads only those windows: each process of a multi-process
+    job reads its own share of the global batch.
     """
     n = len(tokens)
     if n <= block_size + 1:
@@ -344,6 +346,8 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, bloc
                         "lower model.block_size or use more text")
     rng = np.random.default_rng([seed, stream, step])
     starts_B = rng.integers(0, n - block_size, size=batch_size)  # last start: n - block_size - 1
+    if rows is not None:
+        starts_B = starts_B[rows]
     window_BT1 = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
     x_BT = np.ascontiguousarray(window_BT1[:, :-1])
     y_BT = np.ascontiguousarray(window_BT1[:, 1:])

@@ -36,17 +36,28 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
                timeout_s: int = 300) -> None:
     """Join a multi-process job, once, before anything touches a device.
 
-    With no coordinator, JAX's own detection is used where it exists (Cloud TPU VMs, SLURM,
-    Open MPI); on one machine without those, nothing happens.
+    coordinator "host:port" (process 0's address) needs num_processes and process_id; "auto"
+    leaves them to JAX's own detection (Cloud TPU VMs, SLURM, Open MPI); "" does nothing.
+    A process that loses a peer gives up after timeout_s instead of hanging.
     """
-    if coordinator:
-        if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise UserError(f"with train.coordinator set, train.num_processes (got "
-                            f"{num_processes}) and train.process_id (got {process_id}) must "
-                            "say how many processes there are and which one this is")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only setting
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s)
+    if not coordinator or jax.distributed.is_initialized():
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize(initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=timeout_s)
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"train.coordinator={coordinator!r} must be host:port (process 0's "
+                        "address and a free port) or auto")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UserError(f"with train.coordinator set, train.num_processes (got "
+                        f"{num_processes}) and train.process_id (got {process_id}) must "
+                        "say how many processes there are and which one this is")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=timeout_s)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -80,9 +91,9 @@ def state_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, spec_for(np.shape(x), fsdp)), tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(A, B, T) micro-batches: B split over every device of the mesh."""
-    return NamedSharding(mesh, P(None, AXES, None))
+def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    """Batches (..., B, T): the rows B split over every device of the mesh."""
+    return NamedSharding(mesh, P(*[None] * (ndim - 2), AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -95,24 +106,39 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
                         "devices of the mesh (each gets an equal share of every micro-batch)")
 
 
-def put_batch(batch: tuple, mesh: Mesh) -> tuple:
-    """Global (A, B, T) numpy arrays -> global jax.Arrays split along B.
+def local_rows(batch_size: int, mesh: Mesh) -> slice:
+    """The rows of a (B, T) batch that this process's devices hold: one contiguous range, as
+    `make_mesh` orders the devices by process."""
+    index = batch_sharding(mesh, 2).addressable_devices_indices_map((batch_size, 1))
+    spans = sorted({(s[0].start or 0, s[0].stop or batch_size) for s in index.values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"this process's rows are not contiguous: {spans}")
+    return slice(spans[0][0], spans[-1][1])
 
-    Every process may compute the whole global batch (it is a pure function of seed and step);
-    each one hands JAX only the rows its own devices hold.
+
+def put_batch(batch: tuple, mesh: Mesh, local: bool = False) -> tuple:
+    """Numpy arrays (..., B, T) -> global jax.Arrays with the rows split over the mesh.
+
+    The arrays hold either the whole global batch (every process may compute it: it is a pure
+    function of seed and step; each hands JAX only its own rows), or with local=True only this
+    process's rows, `local_rows` of them.
     """
-    sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return tuple(None if a is None else jax.device_put(a, sharding) for a in batch)
     out = []
     for a in batch:
         if a is None:
             out.append(None)
             continue
-        index = sharding.addressable_devices_indices_map(a.shape)
-        rows = sorted({(s[1].start or 0, s[1].stop or a.shape[1]) for s in index.values()})
-        local = np.concatenate([a[:, lo:hi] for lo, hi in rows], axis=1)
-        out.append(jax.make_array_from_process_local_data(sharding, local, a.shape))
+        sharding = batch_sharding(mesh, a.ndim)
+        if jax.process_count() == 1:
+            out.append(jax.device_put(a, sharding))
+            continue
+        if local:
+            mine = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+            shape = (*a.shape[:-2], a.shape[-2] * mesh.size // mine, a.shape[-1])
+        else:
+            shape = a.shape
+            a = a[..., local_rows(a.shape[-2], mesh), :]
+        out.append(jax.make_array_from_process_local_data(sharding, a, shape))
     return tuple(out)
 
 

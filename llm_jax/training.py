@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax import checkpoint, data, hf, sft
+from llm_jax import checkpoint, data, hf, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
@@ -129,43 +129,54 @@ def _check_writable(out_dir: Path) -> None:
         raise UserError(f"cannot write to out_dir {str(out_dir)!r}: {e.strerror}") from None
 
 
-def get_batch(prepared, split: str, cfg: Config, *, step: int, batch_size: int, stream: int):
-    """(x, y) windows of text, or (x, y, mask, segment ids) of fine-tuning examples."""
+def get_batch(prepared, split: str, cfg: Config, *, step: int, batch_size: int, stream: int,
+              rows=None):
+    """(x, y) windows of text, or (x, y, mask, segment ids) of fine-tuning examples; only the
+    given rows of the batch when `rows` (an index) is set."""
     kw = dict(seed=cfg.train.seed, step=step, stream=stream, batch_size=batch_size,
               block_size=cfg.model.block_size)
-    if isinstance(prepared, sft.SFTData):
-        return prepared.get_batch(split, **kw)
-    return data.get_batch(getattr(prepared, split), **kw)
+    if isinstance(prepared, sft.SFTData):  # rows depend on each other: build all, keep some
+        batch = prepared.get_batch(split, **kw)
+        return batch if rows is None else tuple(None if a is None else a[rows] for a in batch)
+    return data.get_batch(getattr(prepared, split), rows=rows, **kw)
 
 
-def micro_batches(prepared, cfg: Config, step: int, stream: int = 0):
+def micro_batches(prepared, cfg: Config, step: int, stream: int = 0, rows: slice | None = None):
     """The batch of one optimizer step: (x, y[, mask, segment ids]), each (grad_accum,
-    batch_size, block_size)."""
+    batch_size, block_size); with `rows`, only those rows of every micro-batch."""
     t = cfg.train
+    index, b = None, t.batch_size
+    if rows is not None:  # rows lo..hi of each of the grad_accum micro-batches
+        within = np.arange(t.batch_size)[rows]
+        index, b = (np.arange(t.grad_accum)[:, None] * t.batch_size + within).ravel(), len(within)
     batch = get_batch(prepared, "train", cfg, step=step, stream=stream,
-                      batch_size=t.grad_accum * t.batch_size)
-    shape = (t.grad_accum, t.batch_size, cfg.model.block_size)
+                      batch_size=t.grad_accum * t.batch_size, rows=index)
+    shape = (t.grad_accum, b, cfg.model.block_size)
     return tuple(None if a is None else a.reshape(shape) for a in batch)
 
 
-def evaluate(eval_step, params, prepared, cfg: Config) -> dict[str, float]:
+def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch) -> dict:
     """Mean loss over the same `eval_iters` batches of each split at every evaluation."""
     out = {}
     for stream, split in ((1, "train"), (2, "val")):
-        losses = [eval_step(params, *get_batch(prepared, split, cfg, step=i, stream=stream,
-                                               batch_size=cfg.train.batch_size))
+        losses = [eval_step(params, *place(get_batch(prepared, split, cfg, step=i, stream=stream,
+                                                     batch_size=cfg.train.batch_size)))
                   for i in range(cfg.train.eval_iters)]
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
 
 class _Log:
-    """Log lines to the console (through tqdm when a bar is shown) and metrics.jsonl."""
+    """Log lines to the console (through tqdm when a bar is shown) and metrics.jsonl; in a
+    multi-process job only process 0 writes."""
 
     def __init__(self, out_dir: Path, bar):
         self.path, self.bar = out_dir / "metrics.jsonl", bar
+        self.quiet = jax.process_index() != 0
 
     def __call__(self, line: str, **record) -> None:
+        if self.quiet:
+            return
         (self.bar.write if self.bar is not None else print)(line)
         if record:
             with self.path.open("a") as f:
@@ -189,9 +200,52 @@ def log_inspection(log: _Log, step: int, metrics: dict) -> None:
         step=step, **stats)
 
 
+class Placement:
+    """Where a run's arrays live: the default device, or a (data, fsdp) mesh over every device
+    of the job (llm_jax/parallel.py). The train step is the same jitted function either way."""
+
+    def __init__(self, t):
+        self.mesh = self.rows = None
+        if jax.device_count() > 1 or t.fsdp != 1 or t.data_parallel not in (-1, 1):
+            self.mesh = parallel.make_mesh(t.data_parallel, t.fsdp)
+            parallel.check_batch(t.batch_size, self.mesh)
+            if jax.process_count() > 1:  # each process reads only its own rows of every batch
+                self.rows = parallel.local_rows(t.batch_size, self.mesh)
+
+    def describe(self) -> str:
+        if self.mesh is None:
+            return f"1 x {jax.devices()[0].device_kind}"
+        return f"{parallel.describe(self.mesh)}, {jax.devices()[0].device_kind}"
+
+    def batch(self, batch: tuple) -> tuple:
+        if self.mesh is None:
+            return batch
+        return parallel.put_batch(batch, self.mesh, local=self.rows is not None)
+
+    def eval_batch(self, batch: tuple) -> tuple:  # (B, T): every process builds all rows
+        return batch if self.mesh is None else parallel.put_batch(batch, self.mesh)
+
+    def init(self, make, abstract, *args):
+        """make(*args) computed straight into the mesh's shardings (no whole copy on one
+        device); `abstract` is the shape of its result."""
+        if self.mesh is None:
+            return make(*args)
+        return jax.jit(make, out_shardings=parallel.state_shardings(abstract, self.mesh))(*args)
+
+    def put(self, tree):
+        return tree if self.mesh is None else parallel.shard(jax.device_get(tree), self.mesh)
+
+    def abstract(self, tree):
+        """Shapes with this run's shardings: a checkpoint restores onto them, whatever mesh
+        wrote it."""
+        mesh = self.mesh or parallel.make_mesh(devices=jax.devices()[:1])
+        return parallel.abstract_on(tree, mesh)
+
+
 def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
+    parallel.initialize(t.coordinator, t.num_processes, t.process_id, t.distributed_timeout)
     source = load_init_source(config)
     prepared = prepare_data(config, source)
     pretrained = None
@@ -207,6 +261,7 @@ def train(config: Config) -> dict:
         get_batch(prepared, split, config, step=0, batch_size=1, stream=0)
     out_dir = Path(t.out_dir)
     _check_writable(out_dir)
+    place = Placement(t)
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)
@@ -223,19 +278,22 @@ def train(config: Config) -> dict:
                                 f"{saved!r}, the config says {getattr(config.data, key)!r}")
         graphdef, abstract_params = gpt.abstract_params(mcfg)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        params, opt_state, meta = checkpoint.restore(out_dir, abstract_params, abstract_opt)
+        params, opt_state, meta = checkpoint.restore(out_dir, place.abstract(abstract_params),
+                                                     place.abstract(abstract_opt))
         start = meta["step"]
         best_val = math.inf if meta.get("best_val_loss") is None else meta["best_val_loss"]
     else:
         if (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
             raise UserError(f"out_dir {str(out_dir)!r} already holds checkpoints: pass "
                             "--resume=true to continue that run, or choose another --out_dir")
+        graphdef = gpt.abstract_params(mcfg)[0]
         if pretrained is not None:
-            graphdef, params = gpt.abstract_params(mcfg)[0], pretrained
+            params = place.put(pretrained)
         else:
-            graphdef, params = gpt.init_params(mcfg, k_init)
-        opt_state = tx.init(params)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            params = place.init(lambda key: gpt.init_params(mcfg, key)[1], shapes, k_init)
+        opt_state = place.init(tx.init, jax.eval_shape(tx.init, shapes), params)
+    if jax.process_index() == 0:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     n_params = gpt.count_params(mcfg, params)
     flops_token = gpt.flops_per_token(mcfg, n_params)
@@ -253,12 +311,12 @@ def train(config: Config) -> dict:
                 "best_val_loss": best_val if math.isfinite(best_val) else None,
                 "tokenizer": prepared.tokenizer.to_json(), "seed": t.seed}
 
-    bar = tqdm(total=t.max_iters, initial=start, disable=not t.progress, dynamic_ncols=True,
-               unit="step") if t.progress else None
+    bar = tqdm(total=t.max_iters, initial=start, dynamic_ncols=True,
+               unit="step") if t.progress and jax.process_index() == 0 else None
     log = _Log(out_dir, bar)
     log(f"model: {n_params / 1e6:.2f}M params, {flops_token / 1e6:.2f} MFLOPs/token; "
         f"{tokens_step} tokens/step; data: {prepared.meta['train_tokens']:,} train tokens; "
-        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}"
+        f"devices: {place.describe()}"
         + (f"; resuming at step {start}" if start else "")
         + (f"; weights from {t.init_from}" if pretrained is not None else ""))
     if isinstance(prepared, sft.SFTData):
@@ -284,7 +342,7 @@ def train(config: Config) -> dict:
         if first_call and compile_s is not None:
             jax.block_until_ready(params)  # time the other variant's compile on its own
             t_compile = time.perf_counter()
-        batch = micro_batches(prepared, config, step)
+        batch = place.batch(micro_batches(prepared, config, step, rows=place.rows))
         params, opt_state, metrics = (inspect_step if inspecting else train_step)(
             params, opt_state, batch, jax.random.fold_in(k_train, step))
         if compile_s is None:  # the first step compiles: time it apart from the throughput
@@ -311,7 +369,7 @@ def train(config: Config) -> dict:
                 tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
         if done % t.eval_interval == 0 or done == t.max_iters:
             t_eval = time.perf_counter()
-            losses = evaluate(eval_step, params, prepared, config)
+            losses = evaluate(eval_step, params, prepared, config, place.eval_batch)
             pause["eval"] += time.perf_counter() - t_eval
             improved = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
