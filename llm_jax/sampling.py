@@ -236,33 +236,33 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(shown):]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "beam", "steps"))
-def _beam_search(graphdef, params, layers, idx_BP, mask_BP, stop_id, length_penalty,
-                 beam: int, steps: int):
-    """Beam search for B left-padded prompts, all `steps` in one `lax.while_loop`.
+def beam_loop(feed, logits_RV, state, *, batch: int, beam: int, steps: int, stop_id,
+              length_penalty):
+    """Beam search over any model with per-row state, all `steps` in one `lax.while_loop`.
 
-    -> (tokens (B, K, steps), lengths (B, K), scores (B, K)): the finished sequences, best first.
-    Rows of the cache are prompt-major, B*K of them (prompt b's beams at b*K ... b*K + K-1).
+    Rows are batch-major: R = batch * beam, item b's beams at b*K ... b*K + K-1. logits_RV:
+    the next-token logits of every row (at first the K rows of an item are copies, and only
+    beam 0 is alive, so no sequence repeats). feed(state, rows_R, tokens_R, t) -> (logits_RV,
+    state): reorder the state's rows to the survivors' parents rows_R, then run their tokens,
+    the t-th new ones.
+
+    Each step keeps the 2K best candidates of the K x V (enough for K to survive even if K of
+    them end there). A candidate ending in stop_id (its length counts it) or at `steps` is
+    finished: the K best finished by logp / length**length_penalty are kept; the K best others
+    by summed log-probability stay alive. The loop stops early once no alive beam can beat the
+    finished ones. -> (tokens (B, K, steps), lengths (B, K), scores (B, K)), best first.
     """
-    B, P = idx_BP.shape
-    K = beam
+    B, K = batch, beam
     NEG = jnp.float32(-jnp.inf)
-    idx_RP, mask_RP = jnp.repeat(idx_BP, K, axis=0), jnp.repeat(mask_BP, K, axis=0)
-    cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B * K)
-    S = cache["v"].shape[3]
-    pos_RP = jnp.maximum(jnp.cumsum(mask_RP, axis=1) - 1, 0)
-    valid_RS = jnp.zeros((B * K, S), bool).at[:, :P].set(mask_RP.astype(bool))
-    logits_RPV, cache = gpt.forward_cached(graphdef, params, idx_RP, pos_RP, 0, cache, valid_RS,
-                                           layers)
-    V = logits_RPV.shape[-1]
+    V = logits_RV.shape[-1]
 
     def norm(score, length):
         return score / length.astype(jnp.float32) ** length_penalty
 
     def cond(c):
         t = c["t"]
-        # No alive beam can still beat the worst kept finished one: score / length**penalty
-        # only falls as tokens are added, so its best is at the next or at the last length.
+        # score / length**penalty only falls as tokens are added, so an alive beam's best is
+        # at the next length or at the last.
         bound_B = jnp.maximum(norm(c["alive_score"][:, 0], t + 1),
                               norm(c["alive_score"][:, 0], jnp.int32(steps)))
         settled = jnp.all(c["fin_score"][:, -1] > bound_B)
@@ -270,15 +270,13 @@ def _beam_search(graphdef, params, layers, idx_BP, mask_BP, stop_id, length_pena
 
     def body(c):
         t = c["t"]
-        logp_BKV = jax.nn.log_softmax(c["logits"], axis=-1).reshape(B, K, V)
-        cand_BKV = c["alive_score"][:, :, None] + logp_BKV
-        # The 2K best candidates: enough for K to survive even if K of them end here.
-        cand_BX, i_BX = jax.lax.top_k(cand_BKV.reshape(B, K * V), min(2 * K, K * V))
+        logp_BKV = jax.nn.log_softmax(c["logits"].astype(jnp.float32), axis=-1).reshape(B, K, V)
+        cand_BX, i_BX = jax.lax.top_k((c["alive_score"][:, :, None] + logp_BKV).reshape(B, -1),
+                                      min(2 * K, K * V))
         parent_BX, token_BX = i_BX // V, i_BX % V
-        seq_BXN = jnp.take_along_axis(c["seq"], parent_BX[..., None], axis=1)
-        seq_BXN = seq_BXN.at[:, :, t].set(token_BX)
+        seq_BXN = jnp.take_along_axis(c["seq"], parent_BX[..., None], axis=1).at[:, :, t].set(
+            token_BX)
         ends_BX = (token_BX == stop_id) | (t == steps - 1)
-        # Finished: those that end here join the K best finished sequences so far.
         all_score = jnp.concatenate([c["fin_score"], jnp.where(ends_BX, norm(cand_BX, t + 1),
                                                                NEG)], axis=1)
         all_seq = jnp.concatenate([c["fin_seq"], seq_BXN], axis=1)
@@ -287,31 +285,49 @@ def _beam_search(graphdef, params, layers, idx_BP, mask_BP, stop_id, length_pena
         fin_score, keep_BK = jax.lax.top_k(all_score, K)
         fin_seq = jnp.take_along_axis(all_seq, keep_BK[..., None], axis=1)
         fin_len = jnp.take_along_axis(all_len, keep_BK, axis=1)
-        # Alive: the K best of the others, by summed log-probability.
         alive_score, keep_BK = jax.lax.top_k(jnp.where(ends_BX, NEG, cand_BX), K)
         parent_BK = jnp.take_along_axis(parent_BX, keep_BK, axis=1)
         token_BK = jnp.take_along_axis(token_BX, keep_BK, axis=1)
-        seq = jnp.take_along_axis(seq_BXN, keep_BK[..., None], axis=1)
-        # Feed the survivors' tokens to the cache rows of their parents.
         rows_R = (jnp.arange(B)[:, None] * K + parent_BK).reshape(B * K)
-        cache = jax.tree.map(lambda x: x[:, rows_R], c["cache"])
-        slot = P + t
-        valid_RS = c["valid"][rows_R].at[:, slot].set(True)
-        pos_R = c["pos"][rows_R]
-        logits_R1V, cache = gpt.forward_cached(graphdef, params, token_BK.reshape(B * K, 1),
-                                               pos_R[:, None], slot, cache, valid_RS, layers)
-        return {"t": t + 1, "logits": logits_R1V[:, 0], "cache": cache, "valid": valid_RS,
-                "pos": pos_R + 1, "alive_score": alive_score, "seq": seq,
+        logits, state = feed(c["state"], rows_R, token_BK.reshape(B * K), t)
+        return {"t": t + 1, "logits": logits, "state": state, "alive_score": alive_score,
+                "seq": jnp.take_along_axis(seq_BXN, keep_BK[..., None], axis=1),
                 "fin_score": fin_score, "fin_seq": fin_seq, "fin_len": fin_len}
 
-    # At first the K rows of a prompt are copies: only beam 0 is alive, so no sequence repeats.
-    alive0 = jnp.full((B, K), NEG).at[:, 0].set(0.0)
-    c = {"t": jnp.int32(0), "logits": logits_RPV[:, -1], "cache": cache, "valid": valid_RS,
-         "pos": pos_RP[:, -1] + 1, "alive_score": alive0,
+    c = {"t": jnp.int32(0), "logits": logits_RV, "state": state,
+         "alive_score": jnp.full((B, K), NEG).at[:, 0].set(0.0),
          "seq": jnp.zeros((B, K, steps), jnp.int32), "fin_score": jnp.full((B, K), NEG),
          "fin_seq": jnp.zeros((B, K, steps), jnp.int32), "fin_len": jnp.zeros((B, K), jnp.int32)}
     c = jax.lax.while_loop(cond, body, c)
     return c["fin_seq"], c["fin_len"], c["fin_score"]
+
+
+@partial(jax.jit, static_argnames=("graphdef", "beam", "steps"))
+def _beam_search(graphdef, params, layers, idx_BP, mask_BP, stop_id, length_penalty,
+                 beam: int, steps: int):
+    """Beam search for B left-padded prompts (`beam_loop` over the cached GPT)."""
+    B, P = idx_BP.shape
+    K = beam
+    idx_RP, mask_RP = jnp.repeat(idx_BP, K, axis=0), jnp.repeat(mask_BP, K, axis=0)
+    cache = gpt.init_cache(gpt.merge(graphdef, params).cfg, B * K)
+    S = cache["v"].shape[3]
+    pos_RP = jnp.maximum(jnp.cumsum(mask_RP, axis=1) - 1, 0)
+    valid_RS = jnp.zeros((B * K, S), bool).at[:, :P].set(mask_RP.astype(bool))
+    logits_RPV, cache = gpt.forward_cached(graphdef, params, idx_RP, pos_RP, 0, cache, valid_RS,
+                                           layers)
+
+    def feed(state, rows_R, token_R, t):
+        cache, valid_RS, pos_R = state
+        cache = jax.tree.map(lambda x: x[:, rows_R], cache)  # (L, R, ...): rows on axis 1
+        slot = P + t
+        valid_RS = valid_RS[rows_R].at[:, slot].set(True)
+        pos_R = pos_R[rows_R]
+        logits_R1V, cache = gpt.forward_cached(graphdef, params, token_R[:, None],
+                                               pos_R[:, None], slot, cache, valid_RS, layers)
+        return logits_R1V[:, 0], (cache, valid_RS, pos_R + 1)
+
+    return beam_loop(feed, logits_RPV[:, -1], (cache, valid_RS, pos_RP[:, -1] + 1), batch=B,
+                     beam=K, steps=steps, stop_id=stop_id, length_penalty=length_penalty)
 
 
 def beam_search_batch(graphdef, params, prompts: list[list[int]], *, beam: int,

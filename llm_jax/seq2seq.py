@@ -49,6 +49,7 @@ from llm_jax.encoder import (Encoder, SelfAttention, attend, embed, rope_for, ru
 from llm_jax.errors import UserError
 from llm_jax.loss import cross_entropy_sum
 from llm_jax.model import MLP, ModelConfig, _linear, _norm
+from llm_jax.sampling import beam_loop
 from llm_jax.tasks import SpecialVocab, pad_rows
 
 
@@ -247,64 +248,22 @@ def _greedy(graphdef, params, src_BS, src_mask_BS, bos, eos, steps: int):
 @partial(jax.jit, static_argnames=("graphdef", "beam", "steps"))
 def _beam_search(graphdef, params, src_BS, src_mask_BS, bos, eos, length_penalty, beam: int,
                  steps: int):
-    """-> (tokens (B, K, steps), lengths (B, K), scores (B, K)): finished sequences, best first.
-
-    Rows are source-major (source b's beams at b*K ... b*K + K-1). A beam ends with [SEP] (its
-    length counts it) or at `steps`; its score is logp / length**length_penalty."""
+    """-> (tokens (B, K, steps), lengths (B, K), scores (B, K)): finished sequences, best first
+    (`sampling.beam_loop`; a beam ends with [SEP] or at `steps`). The encoder runs once; each
+    source's K rows share its cross-attention keys/values."""
     B, K = src_BS.shape[0], beam
-    NEG = jnp.float32(-jnp.inf)
-    cross, _ = start(graphdef, params, src_BS, src_mask_BS, steps)
+    cross, cache = start(graphdef, params, src_BS, src_mask_BS, steps)
     cross = {"k": jnp.repeat(cross["k"], K, axis=1), "v": jnp.repeat(cross["v"], K, axis=1),
              "mask": jnp.repeat(cross["mask"], K, axis=0)}
-    dcfg = merge(graphdef, params).decoder.cfg
-    shape = (dcfg.n_layer, B * K, steps, dcfg.n_head, dcfg.head_dim)
-    cache = {"k": jnp.zeros(shape, dcfg.dtype), "v": jnp.zeros(shape, dcfg.dtype)}
+    cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=1), cache)  # (L, B*K, slots, H, K)
+    logits_RV, cache = step(graphdef, params, cross, cache, jnp.full((B * K,), bos, jnp.int32), 0)
 
-    def norm(score, length):
-        return score / length.astype(jnp.float32) ** length_penalty
+    def feed(cache, rows_R, token_R, t):
+        cache = jax.tree.map(lambda x: x[:, rows_R], cache)  # (L, R, slots, H, K)
+        return step(graphdef, params, cross, cache, token_R, t + 1)
 
-    def cond(c):
-        t = c["t"]
-        # No alive beam can beat the worst kept finished one any more (see sampling.py).
-        bound_B = jnp.maximum(norm(c["alive_score"][:, 0], t + 1),
-                              norm(c["alive_score"][:, 0], jnp.int32(steps)))
-        settled = jnp.all(c["fin_score"][:, -1] > bound_B)
-        return (t < steps) & ~settled & jnp.any(c["alive_score"] > NEG)
-
-    def body(c):
-        t = c["t"]
-        logits_RV, cache = step(graphdef, params, cross, c["cache"], c["feed"], t)
-        V = logits_RV.shape[-1]
-        cand_BKV = c["alive_score"][:, :, None] + jax.nn.log_softmax(logits_RV).reshape(B, K, V)
-        cand_BX, i_BX = jax.lax.top_k(cand_BKV.reshape(B, K * V), min(2 * K, K * V))
-        parent_BX, token_BX = i_BX // V, i_BX % V
-        seq_BXN = jnp.take_along_axis(c["seq"], parent_BX[..., None], axis=1)
-        seq_BXN = seq_BXN.at[:, :, t].set(token_BX)
-        ends_BX = (token_BX == eos) | (t == steps - 1)
-        all_score = jnp.concatenate(
-            [c["fin_score"], jnp.where(ends_BX, norm(cand_BX, t + 1), NEG)], axis=1)
-        all_seq = jnp.concatenate([c["fin_seq"], seq_BXN], axis=1)
-        all_len = jnp.concatenate([c["fin_len"], jnp.full(ends_BX.shape, t + 1, jnp.int32)],
-                                  axis=1)
-        fin_score, keep_BK = jax.lax.top_k(all_score, K)
-        fin_seq = jnp.take_along_axis(all_seq, keep_BK[..., None], axis=1)
-        fin_len = jnp.take_along_axis(all_len, keep_BK, axis=1)
-        alive_score, keep_BK = jax.lax.top_k(jnp.where(ends_BX, NEG, cand_BX), K)
-        parent_BK = jnp.take_along_axis(parent_BX, keep_BK, axis=1)
-        rows_R = (jnp.arange(B)[:, None] * K + parent_BK).reshape(B * K)
-        return {"t": t + 1, "cache": jax.tree.map(lambda x: x[:, rows_R], cache),
-                "feed": jnp.take_along_axis(token_BX, keep_BK, axis=1).reshape(B * K),
-                "alive_score": alive_score,
-                "seq": jnp.take_along_axis(seq_BXN, keep_BK[..., None], axis=1),
-                "fin_score": fin_score, "fin_seq": fin_seq, "fin_len": fin_len}
-
-    # At first the K rows of a source are copies: only beam 0 is alive, so none repeats.
-    c = {"t": jnp.int32(0), "cache": cache, "feed": jnp.full((B * K,), bos, jnp.int32),
-         "alive_score": jnp.full((B, K), NEG).at[:, 0].set(0.0),
-         "seq": jnp.zeros((B, K, steps), jnp.int32), "fin_score": jnp.full((B, K), NEG),
-         "fin_seq": jnp.zeros((B, K, steps), jnp.int32), "fin_len": jnp.zeros((B, K), jnp.int32)}
-    c = jax.lax.while_loop(cond, body, c)
-    return c["fin_seq"], c["fin_len"], c["fin_score"]
+    return beam_loop(feed, logits_RV, cache, batch=B, beam=K, steps=steps, stop_id=eos,
+                     length_penalty=length_penalty)
 
 
 def _sources(vocab: SpecialVocab, sources: list[str], S: int):
