@@ -25,6 +25,10 @@ def main(argv: list[str]) -> None:
         from llm_jax.family_training import train_family
 
         summary = train_family(config)
+    if "stopped_at" in summary:  # SIGINT/SIGTERM: a checkpoint was written, exit 0
+        print(f"stopped at step {summary['stopped_at']} of {summary['steps']}; continue with "
+              f"python train.py ... --resume=true (checkpoints in {summary['out_dir']})")
+        return
     print(f"done: {summary['steps']} steps, val loss {summary.get('val_loss', float('nan')):.4f}; "
           f"checkpoints in {summary['out_dir']}")
 

@@ -38,6 +38,22 @@ def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointMana
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
+@jax.jit
+def fingerprint(tree):
+    """A uint32 per array that any change of an element changes: the sum over elements of
+    (bits xor a hash of the index) x an odd number (a bijection modulo 2**32). Computed where
+    the arrays live; stored in meta and checked on restore, because orbax reads raw array
+    chunks without a checksum (a damaged uncompressed chunk would load as wrong weights)."""
+    def one(x):
+        bits = (x.astype(jnp.uint8) if x.dtype == bool else jax.lax.bitcast_convert_type(
+            x, {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]))
+        bits = bits.astype(jnp.uint32).ravel()
+        i = jnp.arange(bits.size, dtype=jnp.uint32)
+        return jnp.sum((bits ^ (i * jnp.uint32(2654435761))) * (2 * i + 1), dtype=jnp.uint32)
+
+    return jax.tree.map(one, tree)
+
+
 class Checkpoints:
     """The checkpoints of one run directory: `save`, `save_best`, `restore`, `close`."""
 
@@ -49,11 +65,14 @@ class Checkpoints:
     def save(self, step: int, params, opt_state, meta: dict, *, best: bool = False) -> None:
         """Save step `step` (to best/ instead of ckpt/ when best=True); returns before writing."""
         params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
+        prints = jax.device_get(fingerprint({"params": params, "opt_state": opt_state}))
+        prints = {k: [int(x) for x in jax.tree.leaves(v)] for k, v in prints.items()}
         manager = self.best if best else self.latest
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(meta, step=step, format=FORMAT))), force=True)
+            meta=ocp.args.JsonSave(dict(meta, step=step, format=FORMAT, fingerprint=prints))),
+            force=True)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -82,6 +101,14 @@ def find(run_dir: str | Path, which: str = "latest") -> tuple[Path, int]:
     return folder, max(steps)
 
 
+def exists(run_dir: str | Path, which: str = "latest") -> bool:
+    try:
+        find(run_dir, which)
+    except UserError:
+        return False
+    return True
+
+
 def read_meta(run_dir: str | Path, which: str = "latest") -> dict:
     folder, step = find(run_dir, which)
     path = folder / str(step) / "meta" / "metadata"
@@ -104,6 +131,19 @@ def _check_shapes(abstract, restored, what: str) -> None:
                             f"the config expects {want.shape} {want.dtype}")
 
 
+def _why(error: BaseException) -> str:
+    """What went wrong reading a checkpoint, from the innermost cause of the error."""
+    messages = []
+    while error is not None:
+        messages.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    text = " ".join(messages)
+    if "corrupt" in text.lower() or "Error reading" in text:
+        inner = next((m for m in messages if "corrupt" in m.lower() or "Error reading" in m))
+        return f"is corrupted: {inner[:300]}"
+    return f"does not match the model config or is incomplete: {messages[-1][:300]}"
+
+
 def restore(run_dir: str | Path, abstract_params, abstract_opt_state=None,
             which: str = "latest") -> tuple:
     """(params, opt_state or None, meta) from run_dir's latest (or best) checkpoint.
@@ -115,12 +155,22 @@ def restore(run_dir: str | Path, abstract_params, abstract_opt_state=None,
     items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    where = str(folder / str(step))
     with ocp.CheckpointManager(folder.absolute()) as manager:
         try:
             out = manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {str(folder / str(step))!r} does not match the model "
-                            f"config: {str(e).splitlines()[0][:300]}") from None
+        except Exception as e:  # orbax, tensorstore: wrong shapes, damaged or missing files
+            raise UserError(f"checkpoint {where!r} {_why(e)}") from None
     _check_shapes(abstract_params, out["params"], "param")
     opt_state = out["opt_state"] if abstract_opt_state is not None else None
+    saved = out["meta"].get("fingerprint", {})
+    for name, tree in (("params", out["params"]), ("opt_state", opt_state)):
+        if tree is not None and name in saved:
+            now = [int(x) for x in jax.tree.leaves(jax.device_get(fingerprint(tree)))]
+            if now != saved[name]:
+                paths = [jax.tree_util.keystr(p) for p, _ in
+                         jax.tree_util.tree_leaves_with_path(tree)]
+                bad = [p for p, a, b in zip(paths, now, saved[name]) if a != b]
+                raise UserError(f"checkpoint {where!r} is corrupted: {name}{bad[0]} does not "
+                                f"read back as it was written ({len(bad)} array(s) differ)")
     return out["params"], opt_state, out["meta"]

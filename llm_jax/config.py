@@ -78,6 +78,7 @@ class TrainConfig:
     distributed_timeout: int = 300  # seconds to wait for the other processes (start, heartbeat)
     inspect_interval: int = 0  # steps between gradient/activation statistics (0: off)
     label_smoothing: float = 0.0  # train towards (1 - eps) * one-hot + eps / V (eval: plain loss)
+    nonfinite: str = "skip"  # a NaN/Inf loss or gradient: skip that update | stop the run
     freeze: str = ""  # params left unchanged, e.g. "wte,h.0,h.1": regexes over param paths
 
 
@@ -198,6 +199,8 @@ def validate(config: Config) -> None:
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
         if not getattr(t, name) >= 0:  # also rejects nan
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
+    if t.nonfinite not in ("skip", "stop"):
+        raise UserError(f"train.nonfinite must be skip or stop, got {t.nonfinite!r}")
     if t.data_parallel == 0 or t.data_parallel < -1:
         raise UserError(f"train.data_parallel must be -1 (all devices that fsdp leaves) or at "
                         f"least 1, got {t.data_parallel}")

@@ -8,7 +8,9 @@ examples from attending to each other (None: one sequence per row). Gradients of
 loss are added over micro-batches in a `lax.scan` and divided once by the total count of
 counted tokens, so the result is the gradient of the mean over every counted token of the step,
 however it is split and however unevenly the masks fall (never a mean of means).
-params and opt_state are donated: their buffers are reused for the updated values.
+params and opt_state are donated: their buffers are reused for the updated values. A step
+whose loss or gradient norm is NaN or Inf changes nothing (metrics["finite"] is False); the
+training loop reports it, and stops with train.nonfinite=stop.
 
 `make_train_step(graphdef, tx, inspect=True)` compiles a second variant of the same step whose
 metrics also hold per-layer gradient norms, update-to-parameter ratios and residual-stream
@@ -52,13 +54,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = 
                 micro_step, init, (x_ABT, y_ABT, mask_ABT, seg_ABT, keys_A))
         count = jnp.maximum(count, 1.0)  # all masks 0: zero gradients, not NaN
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
         if inspect:
             metrics.update(update_metrics(params, grads, updates))
             metrics.update(activation_stats(graphdef, params, x_ABT[0]))
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, metrics
+        # The non-finite guard: a NaN or Inf loss or gradient leaves params and optimizer state
+        # as they were (one select per element, fused into the update).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        metrics["finite"] = finite
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+        return params, jax.tree.map(keep, new_opt_state, opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax import checkpoint, data, hf, parallel, sft
+from llm_jax import checkpoint, data, guards, hf, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
@@ -98,6 +98,15 @@ def apply_init_from(config: Config, tokenizer, source=None) -> tuple[Config, dic
             source, params = sft.grow_vocab(source, params, tokenizer.vocab_size,
                                             jax.random.fold_in(jax.random.key(t.seed), 1))
         shape = {k: getattr(source, k) for k in SHAPE_KEYS}
+        wanted = config.model.block_size
+        if wanted > source.block_size:
+            raise UserError(f"model.block_size={wanted} is longer than the context of init_from "
+                            f"{t.init_from!r} ({source.block_size} positions): use at most "
+                            f"{source.block_size}")
+        if wanted < source.block_size:  # a shorter context: the first rows of the table
+            shape["block_size"] = wanted
+            if "wpe" in params:
+                params = dict(params, wpe={"embedding": params["wpe"]["embedding"][:wanted]})
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **shape)), params
 
 
@@ -246,6 +255,10 @@ def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
     parallel.initialize(t.coordinator, t.num_processes, t.process_id, t.distributed_timeout)
+    fresh = t.resume and not checkpoint.exists(t.out_dir)
+    if fresh:  # killed before its first checkpoint: --resume=true starts it from the beginning
+        config = dataclasses.replace(config, train=dataclasses.replace(t, resume=False))
+        t = config.train
     source = load_init_source(config)
     prepared = prepare_data(config, source)
     pretrained = None
@@ -292,6 +305,7 @@ def train(config: Config) -> dict:
         else:
             params = place.init(lambda key: gpt.init_params(mcfg, key)[1], shapes, k_init)
         opt_state = place.init(tx.init, jax.eval_shape(tx.init, shapes), params)
+    guards.check_room(out_dir, shapes, t.keep_last + 2)  # the kept, the best, one being written
     if jax.process_index() == 0:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -318,6 +332,7 @@ def train(config: Config) -> dict:
         f"{tokens_step} tokens/step; data: {prepared.meta['train_tokens']:,} train tokens; "
         f"devices: {place.describe()}"
         + (f"; resuming at step {start}" if start else "")
+        + ("; no checkpoint to resume from: starting at step 0" if fresh else "")
         + (f"; weights from {t.init_from}" if pretrained is not None else ""))
     if isinstance(prepared, sft.SFTData):
         m = prepared.meta
@@ -335,60 +350,86 @@ def train(config: Config) -> dict:
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect
-    for step in range(start, t.max_iters):
-        done = step + 1
-        inspecting = inspect_step is not None and done % t.inspect_interval == 0
-        first_call = inspecting not in compiled
-        if first_call and compile_s is not None:
-            jax.block_until_ready(params)  # time the other variant's compile on its own
-            t_compile = time.perf_counter()
-        batch = place.batch(micro_batches(prepared, config, step, rows=place.rows))
-        params, opt_state, metrics = (inspect_step if inspecting else train_step)(
-            params, opt_state, batch, jax.random.fold_in(k_train, step))
-        if compile_s is None:  # the first step compiles: time it apart from the throughput
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - t_last
-            t_last, step_last = time.perf_counter(), done
-            summary["first_step_s"] = compile_s
-        elif first_call:  # keep the second variant's compile out of tokens/s too
-            jax.block_until_ready(metrics)
-            t_last += time.perf_counter() - t_compile
-        compiled.add(inspecting)
-        if inspecting:
-            log_inspection(log, done, jax.device_get(metrics))
-        if done % t.log_interval == 0 or done == t.max_iters:
-            m = jax.device_get(metrics)
-            now = time.perf_counter()
-            tok_s = (done - step_last) * tokens_step / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-            lr = float(lr_at(step))
-            mfu = f", mfu {100 * tok_s * flops_token / peak:.1f}%" if peak else ""
-            log(f"step {done}: loss {m['loss']:.4f}, lr {lr:.2e}, grad norm {m['grad_norm']:.3f}, "
-                f"{tok_s:,.0f} tokens/s, {tok_s * flops_token / 1e9:.1f} GFLOP/s{mfu}",
-                step=done, loss=float(m["loss"]), lr=lr, grad_norm=float(m["grad_norm"]),
-                tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
-        if done % t.eval_interval == 0 or done == t.max_iters:
-            t_eval = time.perf_counter()
-            losses = evaluate(eval_step, params, prepared, config, place.eval_batch)
-            pause["eval"] += time.perf_counter() - t_eval
-            improved = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
-            log(f"step {done}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                + (" (best)" if improved else ""), step=done, train_loss=losses["train"],
-                val_loss=losses["val"])
-            summary.update(train_loss=losses["train"], val_loss=losses["val"])
-            if improved:
-                t0 = time.perf_counter()
-                ckpts.save(done, params, opt_state, meta_now(done, losses["val"]), best=True)
-                pause["ckpt"] += time.perf_counter() - t0
-            t_last += time.perf_counter() - t_eval  # keep evaluation out of the tokens/s figure
-        if done % t.ckpt_interval == 0 or done == t.max_iters:
-            t0 = time.perf_counter()
-            ckpts.save(done, params, opt_state, meta_now(done, summary.get("val_loss")))
-            pause["ckpt"] += time.perf_counter() - t0
-            t_last += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
+    stop, nonfinite = guards.StopSignals(log), guards.NonFinite(t.nonfinite, log)
+
+    def last_good() -> str:
+        s = ckpts.latest_step()
+        return "none yet" if s is None else str(out_dir / "ckpt" / str(s))
+
+    with stop:
+        try:
+            for step in range(start, t.max_iters):
+                done = step + 1
+                inspecting = inspect_step is not None and done % t.inspect_interval == 0
+                first_call = inspecting not in compiled
+                if first_call and compile_s is not None:
+                    jax.block_until_ready(params)  # time the other variant's compile on its own
+                    t_compile = time.perf_counter()
+                batch = place.batch(micro_batches(prepared, config, step, rows=place.rows))
+                params, opt_state, metrics = (inspect_step if inspecting else train_step)(
+                    params, opt_state, batch, jax.random.fold_in(k_train, step))
+                nonfinite.add(done, metrics["finite"])
+                if compile_s is None:  # the first step compiles: time it apart from the throughput
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t_last
+                    t_last, step_last = time.perf_counter(), done
+                    summary["first_step_s"] = compile_s
+                elif first_call:  # keep the second variant's compile out of tokens/s too
+                    jax.block_until_ready(metrics)
+                    t_last += time.perf_counter() - t_compile
+                compiled.add(inspecting)
+                if inspecting:
+                    log_inspection(log, done, jax.device_get(metrics))
+                if done % t.log_interval == 0 or done == t.max_iters:
+                    nonfinite.check(last_good())
+                    m = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    tok_s = (done - step_last) * tokens_step / max(now - t_last, 1e-9)
+                    t_last, step_last = now, done
+                    lr = float(lr_at(step))
+                    mfu = f", mfu {100 * tok_s * flops_token / peak:.1f}%" if peak else ""
+                    log(f"step {done}: loss {m['loss']:.4f}, lr {lr:.2e}, "
+                        f"grad norm {m['grad_norm']:.3f}, {tok_s:,.0f} tokens/s, "
+                        f"{tok_s * flops_token / 1e9:.1f} GFLOP/s{mfu}",
+                        step=done, loss=float(m["loss"]), lr=lr, grad_norm=float(m["grad_norm"]),
+                        tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
+                if done % t.eval_interval == 0 or done == t.max_iters:
+                    t_eval = time.perf_counter()
+                    losses = evaluate(eval_step, params, prepared, config, place.eval_batch)
+                    pause["eval"] += time.perf_counter() - t_eval
+                    improved = losses["val"] < best_val
+                    best_val = min(best_val, losses["val"])
+                    log(f"step {done}: train loss {losses['train']:.4f}, "
+                        f"val loss {losses['val']:.4f}"
+                        + (" (best)" if improved else ""), step=done, train_loss=losses["train"],
+                        val_loss=losses["val"])
+                    summary.update(train_loss=losses["train"], val_loss=losses["val"])
+                    if improved:
+                        nonfinite.check(last_good())
+                        t0 = time.perf_counter()
+                        ckpts.save(done, params, opt_state, meta_now(done, losses["val"]),
+                                   best=True)
+                        pause["ckpt"] += time.perf_counter() - t0
+                    t_last += time.perf_counter() - t_eval  # evaluation is not in tokens/s
+                saving = done % t.ckpt_interval == 0 or done == t.max_iters
+                if saving or stop.requested:
+                    nonfinite.check(last_good())
+                    t0 = time.perf_counter()
+                    ckpts.save(done, params, opt_state, meta_now(done, summary.get("val_loss")))
+                    pause["ckpt"] += time.perf_counter() - t0
+                    t_last += time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                if stop.requested:
+                    summary.update(stopped_by=stop.requested, stopped_at=done)
+                    log(f"stopped by {stop.requested} at step {done}: checkpoint saved in "
+                        f"{out_dir / 'ckpt' / str(done)}; continue with --resume=true",
+                        step=done, stopped_by=stop.requested)
+                    break
+        except UserError:  # the non-finite guard in stop mode: keep what was saved
+            ckpts.wait()
+            ckpts.close()
+            raise
     if bar is not None:
         bar.close()
     t0 = time.perf_counter()
@@ -402,6 +443,7 @@ def train(config: Config) -> dict:
         wall_s=wall, compile_s=compile_s, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],
         ckpt_final_wait_s=pause["ckpt_final_wait"])
     summary.update(wall_s=wall, eval_s=pause["eval"], ckpt_blocking_s=pause["ckpt"],
+                   skipped_steps=nonfinite.skipped,
                    best_val_loss=best_val, out_dir=str(out_dir), params=params,
                    opt_state=opt_state, final_loss=None if metrics is None
                    else float(jax.device_get(metrics["loss"])))

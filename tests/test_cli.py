@@ -148,7 +148,8 @@ def fine_tuned(trained, tmp_path_factory):
     chat = cwd / "chat.jsonl"
     chat.write_text("".join(f'{{"prompt": "{w}", "response": "{w[::-1]}"}}\n' for w in words * 2))
     result = run(TRAIN, "sft", f"--init_from={out_dir}", f"--out_dir={cwd / 'sft'}",
-                 "--data.source=jsonl", f"--data.path={chat}", "--val_fraction=0.3",
+                 "--block_size=16", "--data.source=jsonl", f"--data.path={chat}",
+                 "--val_fraction=0.3",
                  f"--data.data_dir={cwd / 'data'}", "--max_iters=10", "--eval_interval=10",
                  "--log_interval=5", "--batch_size=4", "--eval_iters=2", "--progress=false",
                  "--freeze=wte,h.0", cwd=cwd)
