@@ -71,7 +71,7 @@ def test_inspect_step_metrics_are_named_and_the_loss_is_the_steps(stepped):
     _, _, m, ref = stepped
     groups = [f"h.{i}" for i in range(L)] + ["wte", "wpe", "ln_f"]
     streams = ["embed"] + [f"h.{i}" for i in range(L)]
-    assert set(m) == ({"loss", "grad_norm"} | {f"grad_norm/{g}" for g in groups}
+    assert set(m) == ({"loss", "grad_norm", "finite"} | {f"grad_norm/{g}" for g in groups}
                       | {f"update_ratio/{g}" for g in groups}
                       | {f"act_{s}/{w}" for s in ("mean", "std", "absmax") for w in streams})
     assert float(m["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-6)
