@@ -163,3 +163,20 @@ def attention_maps(graphdef, params: dict, idx_T):
         maps.append(jax.nn.softmax(scores_HTT, axis=-1))
         x_ND = block(x_ND, T, None, rope)
     return jnp.stack(maps)
+
+
+def log_step(log, step: int, metrics: dict) -> None:
+    """One console line and one metrics.jsonl record with the inspect step's statistics."""
+    def order(name):  # the other groups first, then the blocks by number (h.2 before h.10)
+        kind, _, group = name.partition("/")
+        block = group.startswith("h.") and group[2:].isdigit()
+        return (kind, int(group[2:]), "") if block else (kind, -1, group)
+
+    stats = {k: float(metrics[k]) for k in sorted((k for k in metrics if "/" in k), key=order)}
+
+    def per_block(prefix, fmt):
+        return " ".join(format(v, fmt) for k, v in stats.items() if k.startswith(prefix + "/h."))
+
+    log(f"step {step}: per block: grad norm {per_block('grad_norm', '.3f')}; update/param "
+        f"{per_block('update_ratio', '.1e')}; residual std {per_block('act_std', '.2f')}",
+        step=step, **stats)

@@ -185,3 +185,45 @@ def describe(mesh: Mesh) -> str:
     n = jax.process_count()
     return (f"{mesh.size} devices ({mesh.shape['data']} data x {mesh.shape['fsdp']} fsdp) on "
             f"{n} process{'es' if n > 1 else ''}")
+
+
+class Placement:
+    """Where a run's arrays live: the default device, or a (data, fsdp) mesh over every device
+    of the job. The train step is the same jitted function either way."""
+
+    def __init__(self, t):
+        self.mesh = self.rows = None
+        if jax.device_count() > 1 or t.fsdp != 1 or t.data_parallel not in (-1, 1):
+            self.mesh = make_mesh(t.data_parallel, t.fsdp)
+            check_batch(t.batch_size, self.mesh)
+            if jax.process_count() > 1:  # each process reads only its own rows of every batch
+                self.rows = local_rows(t.batch_size, self.mesh)
+
+    def describe(self) -> str:
+        if self.mesh is None:
+            return f"1 x {jax.devices()[0].device_kind}"
+        return f"{describe(self.mesh)}, {jax.devices()[0].device_kind}"
+
+    def batch(self, batch: tuple) -> tuple:
+        if self.mesh is None:
+            return batch
+        return put_batch(batch, self.mesh, local=self.rows is not None)
+
+    def eval_batch(self, batch: tuple) -> tuple:  # (B, T): every process builds all rows
+        return batch if self.mesh is None else put_batch(batch, self.mesh)
+
+    def init(self, make, abstract, *args):
+        """make(*args) computed straight into the mesh's shardings (no whole copy on one
+        device); `abstract` is the shape of its result."""
+        if self.mesh is None:
+            return make(*args)
+        return jax.jit(make, out_shardings=state_shardings(abstract, self.mesh))(*args)
+
+    def put(self, tree):
+        return tree if self.mesh is None else shard(jax.device_get(tree), self.mesh)
+
+    def abstract(self, tree):
+        """Shapes with this run's shardings: a checkpoint restores onto them, whatever mesh
+        wrote it."""
+        mesh = self.mesh or make_mesh(devices=jax.devices()[:1])
+        return abstract_on(tree, mesh)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax import checkpoint, data, guards, hf, parallel, sft
+from llm_jax import checkpoint, data, guards, hf, inspection, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
@@ -192,65 +192,6 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
-def log_inspection(log: _Log, step: int, metrics: dict) -> None:
-    """One console line and one metrics.jsonl record with the inspect step's statistics."""
-    def order(name):  # the other groups first, then the blocks by number (h.2 before h.10)
-        kind, _, group = name.partition("/")
-        block = group.startswith("h.") and group[2:].isdigit()
-        return (kind, int(group[2:]), "") if block else (kind, -1, group)
-
-    stats = {k: float(metrics[k]) for k in sorted((k for k in metrics if "/" in k), key=order)}
-
-    def per_block(prefix, fmt):
-        return " ".join(format(v, fmt) for k, v in stats.items() if k.startswith(prefix + "/h."))
-
-    log(f"step {step}: per block: grad norm {per_block('grad_norm', '.3f')}; update/param "
-        f"{per_block('update_ratio', '.1e')}; residual std {per_block('act_std', '.2f')}",
-        step=step, **stats)
-
-
-class Placement:
-    """Where a run's arrays live: the default device, or a (data, fsdp) mesh over every device
-    of the job (llm_jax/parallel.py). The train step is the same jitted function either way."""
-
-    def __init__(self, t):
-        self.mesh = self.rows = None
-        if jax.device_count() > 1 or t.fsdp != 1 or t.data_parallel not in (-1, 1):
-            self.mesh = parallel.make_mesh(t.data_parallel, t.fsdp)
-            parallel.check_batch(t.batch_size, self.mesh)
-            if jax.process_count() > 1:  # each process reads only its own rows of every batch
-                self.rows = parallel.local_rows(t.batch_size, self.mesh)
-
-    def describe(self) -> str:
-        if self.mesh is None:
-            return f"1 x {jax.devices()[0].device_kind}"
-        return f"{parallel.describe(self.mesh)}, {jax.devices()[0].device_kind}"
-
-    def batch(self, batch: tuple) -> tuple:
-        if self.mesh is None:
-            return batch
-        return parallel.put_batch(batch, self.mesh, local=self.rows is not None)
-
-    def eval_batch(self, batch: tuple) -> tuple:  # (B, T): every process builds all rows
-        return batch if self.mesh is None else parallel.put_batch(batch, self.mesh)
-
-    def init(self, make, abstract, *args):
-        """make(*args) computed straight into the mesh's shardings (no whole copy on one
-        device); `abstract` is the shape of its result."""
-        if self.mesh is None:
-            return make(*args)
-        return jax.jit(make, out_shardings=parallel.state_shardings(abstract, self.mesh))(*args)
-
-    def put(self, tree):
-        return tree if self.mesh is None else parallel.shard(jax.device_get(tree), self.mesh)
-
-    def abstract(self, tree):
-        """Shapes with this run's shardings: a checkpoint restores onto them, whatever mesh
-        wrote it."""
-        mesh = self.mesh or parallel.make_mesh(devices=jax.devices()[:1])
-        return parallel.abstract_on(tree, mesh)
-
-
 def train(config: Config) -> dict:
     """Run training as configured; returns a summary (steps, final losses, timings)."""
     t = config.train
@@ -274,7 +215,7 @@ def train(config: Config) -> dict:
         get_batch(prepared, split, config, step=0, batch_size=1, stream=0)
     out_dir = Path(t.out_dir)
     _check_writable(out_dir)
-    place = Placement(t)
+    place = parallel.Placement(t)
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)
@@ -379,7 +320,7 @@ def train(config: Config) -> dict:
                     t_last += time.perf_counter() - t_compile
                 compiled.add(inspecting)
                 if inspecting:
-                    log_inspection(log, done, jax.device_get(metrics))
+                    inspection.log_step(log, done, jax.device_get(metrics))
                 if done % t.log_interval == 0 or done == t.max_iters:
                     nonfinite.check(last_good())
                     m = jax.device_get(metrics)
