@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from llm_jax import sft
+from llm_jax import compile_cache, sft
 from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
@@ -111,6 +111,7 @@ def read_prompt(args, tokenizer) -> str:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
+    compile_cache.enable()
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         raise UserError("num_samples and max_new_tokens must be >= 1; temperature, top_k >= 0")
     if args.init_from:

@@ -12,6 +12,7 @@ Overrides are --section.key=value, or --key=value when the key name is unique; s
 llm_jax/config.py for every key.
 """
 
+from llm_jax import compile_cache, cpu
 from llm_jax.cli import run_main
 from llm_jax.config import load_config
 from llm_jax.training import train
@@ -19,6 +20,10 @@ from llm_jax.training import train
 
 def main(argv: list[str]) -> None:
     config = load_config(argv)
+    t = config.train
+    if config.model.family == "gpt" and not t.coordinator:  # before JAX starts its backend
+        cpu.configure(cpu.devices_for(t.cpu_devices, t.batch_size, config.model.n_embd))
+    compile_cache.enable()  # a second run skips XLA's compile ($LLM_JAX_CACHE_DIR=off: not)
     if config.model.family == "gpt":
         summary = train(config)
     else:

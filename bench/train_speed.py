@@ -37,12 +37,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-gflops", type=float, default=0.0, help="peak FLOP/s for MFU, in G")
     p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ModelConfig override, e.g. matmul_dtype=bfloat16 (repeatable)")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="split the CPU into this many devices, data-parallel (0: one per core)")
     args = p.parse_args()
 
+    from llm_jax import cpu
+    n_dev = cpu.devices_for(args.cpu_devices, 1 << 20)
+    cpu.configure(n_dev)
     import jax
     import numpy as np
 
-    from llm_jax import model as gpt
+    from llm_jax import model as gpt, parallel
     from llm_jax.config import Config, TrainConfig, load_preset
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
@@ -61,17 +68,27 @@ def main() -> None:
         name = args.shape or "small"
     if args.dtype:
         mcfg = dataclasses.replace(mcfg, dtype=args.dtype)
+    for item in args.model:
+        key, _, value = item.partition("=")
+        kind = type(getattr(mcfg, key))
+        mcfg = dataclasses.replace(mcfg, **{key: value.lower() == "true" if kind is bool
+                                            else kind(value)})
     tcfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
                        grad_clip=1.0, warmup_iters=100, max_iters=5000)
 
     graphdef, params = gpt.init_params(mcfg, jax.random.key(0))
     tx = make_optimizer(tcfg)
     opt_state = tx.init(params)
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    if mesh is not None:
+        params, opt_state = parallel.shard(params, mesh), parallel.shard(opt_state, mesh)
     step_fn = make_train_step(graphdef, tx)
     rng = np.random.default_rng(0)
     T = mcfg.block_size
     tokens = rng.integers(0, mcfg.vocab_size, size=(1, batch_size, T + 1), dtype=np.int32)
     batch = (tokens[..., :-1], tokens[..., 1:])
+    if mesh is not None:
+        batch = parallel.put_batch(batch, mesh)
     key = jax.random.key(1)
 
     t0 = time.perf_counter()
@@ -103,6 +120,7 @@ def main() -> None:
         "tokens_per_s_runs": [round(r, 1) for r in rates], "gflop_per_s": round(gflops, 2),
         "mfu": round(gflops / args.peak_gflops, 4) if args.peak_gflops else None,
         "compile_s": round(compile_s, 2), "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     print(f"{name}: {tok_s:,.0f} tokens/s ({result['ms_per_step']:.1f} ms/step), "

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from llm_jax.blocked_attention import blocked_causal_attention
+
 NEG = jnp.finfo(jnp.float32).min  # the additive mask: finite, so exp() gives 0 and never NaN
 
 
@@ -285,10 +287,20 @@ def flash_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, kv_mask_BS, dropout_rate,
 
 # ---- the one entry point --------------------------------------------------------------------
 
+def blocked_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, kv_mask_BS, dropout_rate, dropout_key,
+                      block_size):
+    _refuse_dropout("blocked", dropout_rate, dropout_key)
+    if not causal or kv_mask_BS is not None:  # it serves unmasked causal self-attention only
+        return reference_attention(q_BTHK, k_BSHK, v_BSHK, causal=causal, kv_mask_BS=kv_mask_BS,
+                                   dropout_rate=0.0, dropout_key=None, block_size=block_size)
+    return blocked_causal_attention(q_BTHK, k_BSHK, v_BSHK, block_size)
+
+
 IMPLEMENTATIONS = {
     "reference": reference_attention,
     "xla": xla_attention,
     "flash": flash_attention,
+    "blocked": blocked_attention,
 }
 
 

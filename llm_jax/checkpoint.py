@@ -144,14 +144,29 @@ def _why(error: BaseException) -> str:
     return f"does not match the model config or is incomplete: {messages[-1][:300]}"
 
 
+def _on_default_device(tree):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(x):
+        if getattr(x, "sharding", None) is not None:
+            return x
+        return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=device)
+
+    return jax.tree.map(place, tree)
+
+
 def restore(run_dir: str | Path, abstract_params, abstract_opt_state=None,
             which: str = "latest") -> tuple:
     """(params, opt_state or None, meta) from run_dir's latest (or best) checkpoint.
 
     `abstract_*` are pytrees of jax.ShapeDtypeStruct (from jax.eval_shape), optionally with
-    shardings: orbax reads each array straight into that layout.
+    shardings: orbax reads each array straight into that layout. Leaves without one go to the
+    default device, whatever devices wrote the checkpoint (a run trained on a mesh, e.g. the CPU
+    split into per-core devices, then sampled on one device).
     """
     folder, step = find(run_dir, which)
+    abstract_params, abstract_opt_state = _on_default_device((abstract_params,
+                                                              abstract_opt_state))
     items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)

@@ -19,7 +19,7 @@ from typing import Any
 
 from llm_jax.errors import UserError
 from llm_jax.attention import IMPLEMENTATIONS
-from llm_jax.model import NORMS, POSITIONS, ModelConfig
+from llm_jax.model import MATMUL_DTYPES, NORMS, POSITIONS, ModelConfig
 from llm_jax.tasks import FAMILIES, TASKS
 
 if sys.version_info >= (3, 11):
@@ -72,6 +72,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # device peak for MFU (0: known GPUs/TPUs looked up, else FLOP/s only)
     data_parallel: int = -1  # devices on the mesh's "data" axis (-1: all that fsdp leaves)
     fsdp: int = 1  # devices that params and optimizer state are sharded over (1: replicated)
+    cpu_devices: int = 0  # CPU: devices to split it into, data-parallel (0: auto, llm_jax/cpu.py)
     coordinator: str = ""  # multi-process: process 0's "host:port", or "auto" (TPU VMs, SLURM)
     num_processes: int = 0  # with a host:port coordinator: processes in the job
     process_id: int = -1  # with a host:port coordinator: this process's index, 0 .. n-1
@@ -164,7 +165,8 @@ def validate(config: Config) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
-    for name, choices in (("position", POSITIONS), ("norm", NORMS)):
+    for name, choices in (("position", POSITIONS), ("norm", NORMS),
+                          ("matmul_dtype", MATMUL_DTYPES)):
         if getattr(m, name) not in choices:
             raise UserError(f"model.{name} must be one of {', '.join(choices)}, got "
                             f"{getattr(m, name)!r}" + _suggest(getattr(m, name), choices))
@@ -201,6 +203,9 @@ def validate(config: Config) -> None:
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite must be skip or stop, got {t.nonfinite!r}")
+    if t.cpu_devices < 0:
+        raise UserError(f"train.cpu_devices must be 0 (one per core) or at least 1, got "
+                        f"{t.cpu_devices}")
     if t.data_parallel == 0 or t.data_parallel < -1:
         raise UserError(f"train.data_parallel must be -1 (all devices that fsdp leaves) or at "
                         f"least 1, got {t.data_parallel}")

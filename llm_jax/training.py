@@ -236,8 +236,8 @@ def train(config: Config) -> dict:
                                                      place.abstract(abstract_opt))
         start = meta["step"]
         best_val = math.inf if meta.get("best_val_loss") is None else meta["best_val_loss"]
-    else:
-        if (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
+    else:  # (after a kill during the first save, ckpt/ holds only an unfinished folder)
+        if not fresh and (out_dir / "ckpt").is_dir() and any((out_dir / "ckpt").iterdir()):
             raise UserError(f"out_dir {str(out_dir)!r} already holds checkpoints: pass "
                             "--resume=true to continue that run, or choose another --out_dir")
         graphdef = gpt.abstract_params(mcfg)[0]

@@ -8,12 +8,16 @@ vocabulary built from it lacks accented letters).
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import pytest
 
 from llm_jax.config import Config, DataConfig, TrainConfig
 from llm_jax.model import ModelConfig
+
+# No persistent compilation cache in the user's home from tests (nor from the scripts they run).
+os.environ["LLM_JAX_CACHE_DIR"] = "off"
 
 TINY = ModelConfig(vocab_size=65, n_layer=2, n_embd=32, n_head=4, block_size=16)
 

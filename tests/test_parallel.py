@@ -158,3 +158,32 @@ def test_mesh_and_process_mistakes_are_named(tmp_path, corpus_path, data_dir, fl
     with pytest.raises(UserError, match=message):
         train(load_config([*TINY, *corpus, f"--out_dir={tmp_path / 'run'}", *flags]))
     assert not (tmp_path / "run" / "ckpt").exists()  # refused before anything was written
+
+
+def test_train_py_splits_the_cpu_into_per_core_devices(tmp_path, one_device):
+    """--cpu_devices=2 with no XLA_FLAGS of the user's: train.py makes two CPU devices before
+    JAX starts and trains data-parallel over them, with one device's losses; the run then
+    loads for sampling on this process's one device."""
+    from llm_jax import sampling
+    from llm_jax.inference import load_model
+
+    corpus, want, _ = one_device
+    log = tmp_path.parent / f"{tmp_path.name}-cpu.log"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    with log.open("w+") as f:
+        p = subprocess.run([sys.executable, "train.py", *TINY, *corpus, f"--out_dir={tmp_path}",
+                            "--cpu_devices=2"], env=dict(env, PYTHONPATH=str(ROOT)), cwd=ROOT,
+                           stdout=f, stderr=subprocess.STDOUT, text=True, timeout=240)
+        f.seek(0)
+        out = f.read()
+    assert p.returncode == 0, out[-3000:]
+    assert "2 devices (2 data x 1 fsdp) on 1 process" in out
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
+    graphdef, params, _, tok = load_model(str(tmp_path))
+    assert {d for x in jax.tree.leaves(params) for d in x.devices()} == {jax.devices()[0]}
+    text = sampling.generate_text(tok, graphdef, params, ["the "], max_new_tokens=5,
+                                  key=jax.random.key(0), temperature=0.0)
+    assert len(text) == 1 and isinstance(text[0], str)

@@ -187,6 +187,16 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, run_config, ca
     assert "no checkpoint to resume from: starting at step 0" in capsys.readouterr().out
 
 
+def test_resume_after_a_kill_during_the_first_save_starts_from_step_0(tmp_path, run_config,
+                                                                      capsys):
+    """Killed while writing its first checkpoint: ckpt/ holds only orbax's unfinished folder.
+    --resume=true starts again from step 0 instead of refusing the out_dir."""
+    (tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    summary = training.train(run_config(tmp_path, max_iters=2, resume=True))
+    assert summary["start_step"] == 0 and checkpoint.find(tmp_path)[1] == 2
+    assert "no checkpoint to resume from: starting at step 0" in capsys.readouterr().out
+
+
 def test_a_full_disk_is_refused_before_training(tmp_path, run_config, monkeypatch):
     import shutil
 

@@ -1,0 +1,81 @@
+"""Training on a CPU: one JAX device per core, data-parallel over the cores.
+
+XLA:CPU runs a program on one device with every core working inside each operation (matrix
+products split into tiles, element-wise loops into ranges). A GPT small enough to train on a
+laptop has small operations (a (2048, 128) x (128, 384) product takes about a millisecond), so
+the cores spend much of each step handing work out and waiting for each other; measured on a
+2-core machine (docs/benchmarks.md), a third or more of the step. Splitting the CPU into one
+device per core and the batch over them (the same `jax.jit` + NamedSharding data parallelism
+as on a GPU node: llm_jax/parallel.py) gives every core whole operations of its own, with one
+all-reduce of the gradients per step.
+
+The device count is an XLA flag and must be set before JAX starts its backend, so the scripts
+call `configure` first thing (`train.cpu_devices`). Flags already in $XLA_FLAGS win. Only CPU
+flags are set: on a GPU or TPU machine the accelerators stay JAX's devices and nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llm_jax.errors import UserError
+
+# Per-core devices: each runs its operations single-threaded, and the dots go to XLA's own
+# (Eigen) kernels, which were faster than its YNNPACK fusions at these sizes (measured).
+_PER_CORE_FLAGS = ("--xla_cpu_multi_thread_eigen=false",
+                   "--xla_cpu_experimental_ynn_fusion_type=")
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def accelerator_installed() -> bool:
+    """Whether a GPU or TPU plugin for JAX is installed (then JAX's devices are not the CPU)."""
+    from importlib import metadata, util
+
+    if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] not in ("", "cpu"):
+        return True
+    return bool(metadata.entry_points(group="jax_plugins")) or util.find_spec("libtpu") is not None
+
+
+# Auto splits models up to this width: measured faster for the 128-wide presets (the default
+# run, nanoGPT's Shakespeare recipe) and slower for the 384-wide "small" shape, whose products
+# are big enough to keep both cores busy inside one device.
+AUTO_MAX_WIDTH = 256
+
+
+def devices_for(requested: int, batch_size: int, n_embd: int = 0) -> int:
+    """How many CPU devices to make: `requested`, or with 0 (auto) one per core when no
+    accelerator is installed, the model is at most AUTO_MAX_WIDTH wide and the batch splits
+    evenly over the cores; else 1."""
+    if requested < 0:
+        raise UserError(f"train.cpu_devices must be 0 (one per core) or at least 1, got "
+                        f"{requested}")
+    if requested:
+        return requested
+    n = cores()
+    if n < 2 or batch_size % n or n_embd > AUTO_MAX_WIDTH or accelerator_installed():
+        return 1
+    return n
+
+
+def configure(n_devices: int) -> bool:
+    """Make the host platform `n_devices` devices (1: leave XLA's defaults). Returns whether
+    the flags were set: not when $XLA_FLAGS already chooses a device count, nor once JAX has
+    started (then the flags could no longer take effect)."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n_devices <= 1 or "xla_force_host_platform_device_count" in flags:
+        return False
+    if xla_bridge.backends_are_initialized():
+        return False
+    extra = [f"--xla_force_host_platform_device_count={n_devices}"]
+    extra += [f for f in _PER_CORE_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    return True
