@@ -44,13 +44,13 @@ def main() -> None:
     args = p.parse_args()
 
     from llm_jax import cpu
-    n_dev = cpu.devices_for(args.cpu_devices, 1 << 20)
+    n_dev = cpu.devices_for(args.cpu_devices, 1 << 20)  # (before JAX starts: no batch check)
     cpu.configure(n_dev)
     import jax
     import numpy as np
 
     from llm_jax import model as gpt, parallel
-    from llm_jax.config import Config, TrainConfig, load_preset
+    from llm_jax.config import Config, TrainConfig, apply, load_preset
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
 
@@ -68,11 +68,9 @@ def main() -> None:
         name = args.shape or "small"
     if args.dtype:
         mcfg = dataclasses.replace(mcfg, dtype=args.dtype)
-    for item in args.model:
-        key, _, value = item.partition("=")
-        kind = type(getattr(mcfg, key))
-        mcfg = dataclasses.replace(mcfg, **{key: value.lower() == "true" if kind is bool
-                                            else kind(value)})
+    if args.model:  # typed and checked as train.py's --model.key=value overrides
+        updates = dict(item.partition("=")[::2] for item in args.model)
+        mcfg = apply(Config(model=mcfg), {"model": updates}, "--model", from_text=True).model
     tcfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
                        grad_clip=1.0, warmup_iters=100, max_iters=5000)
 
