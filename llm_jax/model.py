@@ -299,13 +299,15 @@ def split_layers(params: dict) -> list[dict]:
 
 
 def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, cache: dict,
-                   valid_BS, layers: list[dict] | None = None):
+                   valid_BS, layers: list[dict] | None = None, window: int | None = None):
     """Run T new tokens written at cache slots [start, start + T) -> (logits (B, T, V), cache).
 
     cache: {"k": (L, B, H, K, S), "v": (L, B, H, S, K)} (`init_cache`). pos_BT: each token's
     position id. valid_BS: which slots hold real tokens (after this call's writes). A query at
     slot start + t sees the slots s <= start + t that are valid: causal over the cache plus the
     padding mask. layers: `split_layers(params)`, when the caller has sliced them already.
+    window (static): attend to the first `window` slots only, when the caller knows that no
+    later slot is visible (start + T <= window): the same result, fewer bytes read.
 
     The layers run as a Python loop (not a scan) over one stacked cache updated in place, and
     keys are cached transposed, (K, S) per head: the layout the CPU's matrix-vector product
@@ -317,11 +319,11 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
     layers = split_layers(params) if layers is None else layers
     B, T = idx_BT.shape
     H, K, D = cfg.n_head, cfg.head_dim, cfg.n_embd
-    S = cache["v"].shape[3]
+    S = cache["v"].shape[3] if window is None else window
     x_ND = (model.tokens(idx_BT) + model.positions(pos_BT)).reshape(B * T, D)
     rope = model.rope(pos_BT)
     slots_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
-    visible_B1TS = (slots_TS[None] & valid_BS[:, None, :])[:, None]
+    visible_B1TS = (slots_TS[None] & valid_BS[:, None, :S])[:, None]
     block_def, _ = nnx.split(model.h)
     k_cache, v_cache = cache["k"], cache["v"]
     for layer, state in enumerate(layers):
@@ -336,11 +338,13 @@ def forward_cached(graphdef: nnx.GraphDef, params: dict, idx_BT, pos_BT, start, 
             (layer, 0, 0, 0, start))
         v_cache = jax.lax.dynamic_update_slice(
             v_cache, v_BHTK[None].astype(v_cache.dtype), (layer, 0, 0, start, 0))
-        scores_BHTS = jnp.einsum("bhtk,bhks->bhts", q_BHTK, k_cache[layer].astype(q.dtype))
+        scores_BHTS = jnp.einsum("bhtk,bhks->bhts", q_BHTK,
+                                 k_cache[layer, ..., :S].astype(q.dtype))
         scores_BHTS = scores_BHTS.astype(jnp.float32) / math.sqrt(K)
         scores_BHTS = jnp.where(visible_B1TS, scores_BHTS, jnp.finfo(jnp.float32).min)
         weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(q.dtype)
-        y_BHTK = jnp.einsum("bhts,bhsk->bhtk", weights_BHTS, v_cache[layer].astype(q.dtype))
+        y_BHTK = jnp.einsum("bhts,bhsk->bhtk", weights_BHTS,
+                            v_cache[layer, :, :, :S].astype(q.dtype))
         x_ND = x_ND + blk.attn.c_proj(y_BHTK.transpose(0, 2, 1, 3).reshape(B * T, D))
         x_ND = x_ND + blk.mlp(blk.ln_2(x_ND))
     return model.head(x_ND).reshape(B, T, -1), {"k": k_cache, "v": v_cache}

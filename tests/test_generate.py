@@ -19,12 +19,12 @@ def model():
     return gpt.init_params(CFG, jax.random.key(0))
 
 
-def full_context_greedy(graphdef, params, prompt, n):
+def full_context_greedy(graphdef, params, prompt, n, block_size=CFG.block_size):
     """The reference: the whole context through `forward` at every step, no cache."""
     step = jax.jit(lambda w, t: gpt.forward(graphdef, params, w)[0, t - 1])
     tokens = list(prompt)
     for _ in range(n):
-        window = np.zeros((1, CFG.block_size), np.int32)
+        window = np.zeros((1, block_size), np.int32)
         window[0, : len(tokens)] = tokens  # right padding: causal, so it changes nothing
         tokens.append(int(jnp.argmax(step(window, len(tokens)))))
     return tokens[len(prompt):]
@@ -38,6 +38,28 @@ def test_cached_greedy_equals_full_recompute_batched(model):
                                   key=jax.random.key(0), temperature=0.0)
     for prompt, tokens in zip(prompts, out):
         assert tokens == full_context_greedy(graphdef, params, prompt, n)
+
+
+def test_attention_window_is_the_smallest_power_of_two_that_holds_the_chunk():
+    assert [sampling.attention_window(e, 256) for e in (1, 64, 65, 128, 129, 200, 256)] \
+        == [64, 64, 128, 128, 256, 256, 256]
+    assert sampling.attention_window(20, 32) == 32 and sampling.attention_window(90, 96) == 96
+
+
+def test_decoding_over_a_growing_attention_window_equals_full_recompute():
+    """block_size 160: decode chunks attend to 64, then 128, then all 160 slots; the tokens
+    are those of recomputing the whole context, for rows of different lengths."""
+    cfg = gpt.ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=160)
+    graphdef, params = gpt.init_params(cfg, jax.random.key(1))
+    # larger weights than at init: attention then decides the tokens, so a slot left out of
+    # the window would change them
+    params = jax.tree.map(lambda x: 6 * x, params)
+    prompts = [[1, 2, 3], list(range(5, 45))]
+    n = 110  # the long row's last chunks run at slot 128 and beyond
+    out = sampling.generate_batch(graphdef, params, prompts, max_new_tokens=n,
+                                  key=jax.random.key(0), temperature=0.0, chunk=8)
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == full_context_greedy(graphdef, params, prompt, n, cfg.block_size)
 
 
 def test_cached_logits_match_full_forward(model):
@@ -76,6 +98,9 @@ def test_top_k_one_is_greedy_and_seed_reproducible(model):
     c = list(sampling.generate(graphdef, params, [1, 2], temperature=1.0, top_p=0.9,
                                max_new_tokens=10, key=jax.random.key(4)))
     assert a == b and a != c
+    for chunk in (1, 3):  # the draws depend on the seed and the step, not on the chunking
+        assert list(sampling.generate(graphdef, params, [1, 2], temperature=1.0, top_p=0.9,
+                                      chunk=chunk, **kw)) == a
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0),
