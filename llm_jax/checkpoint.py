@@ -10,8 +10,8 @@ restore only what it needs (sampling reads `params` and `meta`, never the optimi
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
 interrupted by a crash is never picked up. Saving is asynchronous: the arrays are copied first
-(the train step donates and overwrites the live buffers), then written in a background thread
-while training continues. Everything is stored as arrays and JSON: no pickle, no code.
+(the train step donates and overwrites the live buffers; to the host when one process holds
+them all), then written in a background thread while training continues. Everything is stored as arrays and JSON: no pickle, no code.
 """
 
 from __future__ import annotations
@@ -64,8 +64,17 @@ class Checkpoints:
 
     def save(self, step: int, params, opt_state, meta: dict, *, best: bool = False) -> None:
         """Save step `step` (to best/ instead of ckpt/ when best=True); returns before writing."""
-        params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
-        prints = jax.device_get(fingerprint({"params": params, "opt_state": opt_state}))
+        tree = {"params": params, "opt_state": opt_state}
+        if jax.process_count() == 1:
+            # One device-to-host copy of everything, which the next train step (it donates the
+            # live buffers) cannot overwrite; orbax then writes host arrays in the background.
+            # Handing it device arrays instead blocked about 6x longer on a mesh (measured on
+            # the CPU split into 2 devices: 0.24 s against 0.04 s a save of the default run).
+            tree, prints = jax.device_get((tree, fingerprint(tree)))
+        else:  # no process holds every shard: copies on the devices
+            tree = jax.tree.map(jnp.copy, tree)
+            prints = jax.device_get(fingerprint(tree))
+        params, opt_state = tree["params"], tree["opt_state"]
         prints = {k: [int(x) for x in jax.tree.leaves(v)] for k, v in prints.items()}
         manager = self.best if best else self.latest
         manager.save(step, args=ocp.args.Composite(
