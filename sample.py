@@ -19,7 +19,8 @@ from llm_jax.cli import run_main
 from llm_jax.errors import UserError
 from llm_jax.hf import load_pretrained
 from llm_jax.inference import load_model
-from llm_jax.sampling import (beam_search, cut_at_stop, generate, generate_batch, stop_strings,
+from llm_jax.beam import beam_search
+from llm_jax.sampling import (cut_at_stop, generate, generate_batch, stop_strings,
                               stream_text)
 from llm_jax.tokenizers import AddedTokens, gpt2_tokenizer
 

@@ -11,7 +11,8 @@ restore only what it needs (sampling reads `params` and `meta`, never the optimi
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
 interrupted by a crash is never picked up. Saving is asynchronous: the arrays are copied first
 (the train step donates and overwrites the live buffers; to the host when one process holds
-them all), then written in a background thread while training continues. Everything is stored as arrays and JSON: no pickle, no code.
+them all), then written in a background thread while training continues. Everything is stored
+as arrays and JSON: no pickle, no code.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class Checkpoints:
         if jax.process_count() == 1:
             # One device-to-host copy of everything, which the next train step (it donates the
             # live buffers) cannot overwrite; orbax then writes host arrays in the background.
-            # Handing it device arrays instead blocked about 6x longer on a mesh (measured on
-            # the CPU split into 2 devices: 0.24 s against 0.04 s a save of the default run).
+            # Handing it device arrays instead blocked training much longer on a mesh (11
+            # saves of the default model on the CPU split into 2 devices: 3.34 s against 0.91 s).
             tree, prints = jax.device_get((tree, fingerprint(tree)))
         else:  # no process holds every shard: copies on the devices
             tree = jax.tree.map(jnp.copy, tree)

@@ -49,7 +49,7 @@ from llm_jax.encoder import (Encoder, SelfAttention, attend, embed, rope_for, ru
 from llm_jax.errors import UserError
 from llm_jax.loss import cross_entropy_sum
 from llm_jax.model import MLP, ModelConfig, _linear, _norm
-from llm_jax.sampling import beam_loop
+from llm_jax.beam import beam_loop
 from llm_jax.tasks import SpecialVocab, pad_rows
 
 
@@ -249,7 +249,7 @@ def _greedy(graphdef, params, src_BS, src_mask_BS, bos, eos, steps: int):
 def _beam_search(graphdef, params, src_BS, src_mask_BS, bos, eos, length_penalty, beam: int,
                  steps: int):
     """-> (tokens (B, K, steps), lengths (B, K), scores (B, K)): finished sequences, best first
-    (`sampling.beam_loop`; a beam ends with [SEP] or at `steps`). The encoder runs once; each
+    (`beam.beam_loop`; a beam ends with [SEP] or at `steps`). The encoder runs once; each
     source's K rows share its cross-attention keys/values."""
     B, K = src_BS.shape[0], beam
     cross, cache = start(graphdef, params, src_BS, src_mask_BS, steps)

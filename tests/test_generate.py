@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import model as gpt
+from llm_jax import beam, model as gpt
 from llm_jax import sampling
 
 CFG = gpt.ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, block_size=32)
@@ -143,7 +143,7 @@ def test_beam_of_one_is_greedy(model):
     graphdef, params = model
     greedy = list(sampling.generate(graphdef, params, [4, 2], max_new_tokens=8,
                                     key=jax.random.key(0), temperature=0.0))
-    assert sampling.beam_search(graphdef, params, [4, 2], beam=1, max_new_tokens=8) == greedy
+    assert beam.beam_search(graphdef, params, [4, 2], beam=1, max_new_tokens=8) == greedy
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
@@ -163,10 +163,10 @@ def test_wide_beam_finds_the_best_sequence_by_enumeration(length_penalty):
                         for i in range(n))
             if score / n ** length_penalty > best:
                 best, best_seq = score / n ** length_penalty, list(seq)
-    found = sampling.beam_search(graphdef, params, prompt, beam=125, max_new_tokens=steps,
+    found = beam.beam_search(graphdef, params, prompt, beam=125, max_new_tokens=steps,
                                  length_penalty=length_penalty, stop_id=eot)
     assert found == best_seq
-    greedy = sampling.beam_search(graphdef, params, prompt, beam=1, max_new_tokens=steps,
+    greedy = beam.beam_search(graphdef, params, prompt, beam=1, max_new_tokens=steps,
                                   length_penalty=length_penalty, stop_id=eot)
     assert found != greedy  # a case where searching wider matters
 
@@ -175,8 +175,8 @@ def test_batched_beam_search_equals_one_prompt_at_a_time(model):
     graphdef, params = model
     prompts = [[4, 2], [7, 1, 9, 3, 3, 8], [11]]
     kw = dict(beam=3, max_new_tokens=6, length_penalty=0.6, stop_id=5)
-    batched = sampling.beam_search_batch(graphdef, params, prompts, **kw)
-    assert batched == [sampling.beam_search(graphdef, params, p, **kw) for p in prompts]
+    batched = beam.beam_search_batch(graphdef, params, prompts, **kw)
+    assert batched == [beam.beam_search(graphdef, params, p, **kw) for p in prompts]
     assert all(1 <= len(b) <= 6 for b in batched)
 
 
