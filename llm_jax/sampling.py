@@ -15,6 +15,11 @@ Design choices:
   `while_loop` over all steps would not stream. Chunks keep the dispatch cost per N tokens while
   still streaming (a few tens of milliseconds of latency per chunk on CPU). The time to the first
   token is the prefill alone: its token is yielded before the first chunk runs.
+- One chunk of look-ahead: the next chunk is queued (JAX dispatches asynchronously) before the
+  host reads this one's tokens, so the device never waits for the dispatch (about 1.5 ms a
+  chunk of the "small" shape), the stop tests or the caller's printing. Measured with a caller
+  that spends 20 ms on each chunk: 117 -> 156 tokens/s at batch 1. The cost: when rows stop
+  early, one chunk is computed for nothing.
 - Each chunk attends to a prefix of the cache only: the smallest power of two of slots (at
   least 64) that holds the chunk's last token (`attention_window`). Later slots are invisible
   anyway, so this changes no result, only the bytes read: a step otherwise reads every slot of
@@ -189,25 +194,36 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
                            or (stop is not None and stop(out[b])))
         return new
 
-    idx, mask = _pad_left(rows, S + 1 - max_new_tokens)  # no padding that would force a slide
-    token_B, state = _prefill(graphdef, params, layers, idx, mask, jax.random.fold_in(key, 0),
-                              temperature, top_k, top_p)
-    yield take(np.asarray(token_B)[None])
-    slot, n = idx.shape[1], 1  # the next free cache slot; tokens chosen so far per row
-    while not all(done):
-        if slot == S:
-            # Slide: prefill the last S // 2 - 1 tokens before the newest into a fresh cache,
-            # then feed the newest one as usual (the prefill's own choice is not used).
-            idx, mask = _pad_left([r[:-1][-(S // 2 - 1):] for r in rows], S - chunk)
-            _, state = _prefill(graphdef, params, layers, idx, mask, key, temperature, top_k,
-                                top_p)
-            state["token"] = jnp.asarray([r[-1] for r in rows], jnp.int32)
-            slot = idx.shape[1]
+    def launch(state, slot: int, n: int):
+        """Queue the next chunk (JAX dispatches asynchronously) -> (tokens, state, slot, n)."""
         steps = min(chunk, S - slot)  # a shorter last chunk before the cache is full
         tokens_NB, state = _decode_chunk(graphdef, params, layers, state, key, n, temperature,
                                          top_k, top_p, steps=steps,
                                          window=attention_window(slot + steps, S))
-        slot, n = slot + steps, n + steps
+        return tokens_NB, state, slot + steps, n + steps
+
+    idx, mask = _pad_left(rows, S + 1 - max_new_tokens)  # no padding that would force a slide
+    token_B, state = _prefill(graphdef, params, layers, idx, mask, jax.random.fold_in(key, 0),
+                              temperature, top_k, top_p)
+    slot, n = idx.shape[1], 1  # the next free cache slot; tokens chosen so far per row
+    # One chunk ahead: the next chunk is queued before this one's tokens are read, so the
+    # device never waits on the host (dispatch, stop tests, the caller's printing). Not past
+    # max_new_tokens (every row stops there), nor across a slide (it needs the host's tokens).
+    ahead = launch(state, slot, n) if n < max_new_tokens and slot < S else None
+    yield take(np.asarray(token_B)[None])
+    while not all(done):
+        if ahead is None:
+            if slot == S:
+                # Slide: prefill the last S // 2 - 1 tokens before the newest into a fresh
+                # cache, then feed the newest one as usual (the prefill's own choice is unused).
+                idx, mask = _pad_left([r[:-1][-(S // 2 - 1):] for r in rows], S - chunk)
+                _, state = _prefill(graphdef, params, layers, idx, mask, key, temperature,
+                                    top_k, top_p)
+                state["token"] = jnp.asarray([r[-1] for r in rows], jnp.int32)
+                slot = idx.shape[1]
+            ahead = launch(state, slot, n)
+        tokens_NB, state, slot, n = ahead
+        ahead = launch(state, slot, n) if n < max_new_tokens and slot < S else None
         yield take(np.asarray(tokens_NB))
 
 

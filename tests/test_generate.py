@@ -199,6 +199,31 @@ def test_sliding_window_equals_recomputing_the_window(model):
     assert out == tokens[len(prompt):]
 
 
+def test_the_next_chunk_is_queued_before_this_ones_tokens_are_read(model, monkeypatch):
+    """One chunk of look-ahead: when the caller gets a chunk, the next one is already on its
+    way to the device; none is queued past max_new_tokens; the tokens are those of no
+    look-ahead (chunks of 16 one at a time equal chunks of 1)."""
+    graphdef, params = model
+    launched = []
+    real = sampling._decode_chunk
+
+    def counting(*args, **kw):
+        launched.append(kw["steps"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling, "_decode_chunk", counting)
+    kw = dict(max_new_tokens=1 + 2 * 4, key=jax.random.key(0), temperature=0.8)
+    seen = []  # chunks launched when each chunk reached the caller
+    chunks = []
+    for new in sampling.stream(graphdef, params, [[1, 2, 3]], chunk=4, **kw):
+        seen.append(len(launched))
+        chunks.append(new[0])
+    assert [len(c) for c in chunks] == [1, 4, 4]  # the prefill's token, then two chunks
+    assert seen == [1, 2, 2] and launched == [4, 4]  # ahead by one, and nothing past the end
+    one_by_one = sampling.generate_batch(graphdef, params, [[1, 2, 3]], chunk=1, **kw)[0]
+    assert sum(chunks, []) == one_by_one
+
+
 def test_stop_test_ends_a_row_early(model):
     graphdef, params = model
     kw = dict(max_new_tokens=20, key=jax.random.key(0), temperature=0.0)
