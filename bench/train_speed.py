@@ -3,11 +3,20 @@
     python bench/train_speed.py --shape small                 # a shape of the peer baselines
     python bench/train_speed.py --preset default --steps 30   # any preset from configs/
     python bench/train_speed.py --shape small --peak-gflops 193  # MFU against a measured peak
+    python bench/train_speed.py --preset shakespeare_char --cpu-devices 2 --vs attention=xla
 
 Random tokens, the optimizer settings of nanoGPT's train.py (AdamW, weight decay 0.1, betas
 0.9/0.99, lr 1e-3, grad clip 1.0), dropout 0. Times `--steps` steps after `--warmup` untimed
 ones, each step ended by blocking on its loss; prints the median over `--repeats` runs and one
 JSON line last.
+
+`--vs KEY=VALUE` (repeatable) compares the model with those overrides against the one without,
+in one process (`--vs xla:OPTION=VALUE`: the same model compiled with an XLA option, e.g.
+`--vs xla:xla_cpu_use_onednn=true`): both train steps are compiled, then called alternately (A B B A A B ...) for
+`--steps` pairs, and the ratio of each pair is taken. On a shared machine whose speed drifts by
+20 % or more between processes, the median of the pair ratios resolves differences of a few
+per cent; `--vs` with no change (e.g. `--vs scan_unroll=N` equal to the preset's) is the
+control and reads 1.00.
 """
 
 import argparse
@@ -28,6 +37,22 @@ SHAPES = {
 }
 
 
+def with_overrides(mcfg, items: list[str]):
+    """mcfg with KEY=VALUE overrides, typed and checked as train.py's --model.key=value."""
+    from llm_jax.config import Config, apply
+
+    updates = dict(item.partition("=")[::2] for item in items)
+    return apply(Config(model=mcfg), {"model": updates}, "--model", from_text=True).model
+
+
+def xla_option(item: str) -> tuple[str, object]:
+    """'name=value' -> (name, value as bool, int or str) for compile(compiler_options=...)."""
+    name, _, value = item.partition("=")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
@@ -39,6 +64,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="a ModelConfig override, e.g. matmul_dtype=bfloat16 (repeatable)")
+    p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
+                   help="compare against the model with this override, in one process")
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="split the CPU into this many devices, data-parallel (0: one per core)")
     args = p.parse_args()
@@ -50,7 +77,7 @@ def main() -> None:
     import numpy as np
 
     from llm_jax import model as gpt, parallel
-    from llm_jax.config import Config, TrainConfig, apply, load_preset
+    from llm_jax.config import TrainConfig, load_preset
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
 
@@ -68,19 +95,26 @@ def main() -> None:
         name = args.shape or "small"
     if args.dtype:
         mcfg = dataclasses.replace(mcfg, dtype=args.dtype)
-    if args.model:  # typed and checked as train.py's --model.key=value overrides
-        updates = dict(item.partition("=")[::2] for item in args.model)
-        mcfg = apply(Config(model=mcfg), {"model": updates}, "--model", from_text=True).model
+    if args.model:
+        mcfg = with_overrides(mcfg, args.model)
     tcfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
                        grad_clip=1.0, warmup_iters=100, max_iters=5000)
 
-    graphdef, params = gpt.init_params(mcfg, jax.random.key(0))
-    tx = make_optimizer(tcfg)
-    opt_state = tx.init(params)
+    def build(cfg, xla_options=None):
+        """[train step, params, opt_state] for cfg, placed on the mesh when there is one; with
+        xla_options, the step compiled ahead of time with those XLA options."""
+        graphdef, params = gpt.init_params(cfg, jax.random.key(0))
+        tx = make_optimizer(tcfg)
+        opt_state = tx.init(params)
+        if mesh is not None:
+            params, opt_state = parallel.shard(params, mesh), parallel.shard(opt_state, mesh)
+        step_fn = make_train_step(graphdef, tx)
+        if xla_options:
+            step_fn = step_fn.lower(params, opt_state, batch, key).compile(
+                compiler_options=xla_options)
+        return [step_fn, params, opt_state]
+
     mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    if mesh is not None:
-        params, opt_state = parallel.shard(params, mesh), parallel.shard(opt_state, mesh)
-    step_fn = make_train_step(graphdef, tx)
     rng = np.random.default_rng(0)
     T = mcfg.block_size
     tokens = rng.integers(0, mcfg.vocab_size, size=(1, batch_size, T + 1), dtype=np.int32)
@@ -89,6 +123,43 @@ def main() -> None:
         batch = parallel.put_batch(batch, mesh)
     key = jax.random.key(1)
 
+    def step(run, i):
+        """One step of run = [step_fn, params, opt_state], in place -> seconds, loss."""
+        t0 = time.perf_counter()
+        run[1], run[2], m = run[0](run[1], run[2], batch, jax.random.fold_in(key, i))
+        loss = float(m["loss"])  # blocks until the step is done
+        return time.perf_counter() - t0, loss
+
+    if args.vs:
+        xla_options = dict(xla_option(item[4:]) for item in args.vs if item.startswith("xla:"))
+        model_items = [item for item in args.vs if not item.startswith("xla:")]
+        vs_cfg = with_overrides(mcfg, model_items) if model_items else mcfg
+        runs = {"A": build(mcfg), "B": build(vs_cfg, xla_options)}
+        first_s = {n: round(step(r, 0)[0], 2) for n, r in runs.items()}  # compiles (A; B unless AOT)
+        losses = {n: [step(r, i)[1] for i in range(1, 1 + args.warmup)] for n, r in runs.items()}
+        times = {"A": [], "B": []}
+        for i in range(args.steps):  # A B, B A, A B, ...: neither always runs first
+            for n in ("AB" if i % 2 == 0 else "BA"):
+                times[n].append(step(runs[n], 1 + args.warmup + i)[0])
+        a, b = np.array(times["A"]), np.array(times["B"])
+        pair = a / b  # > 1: B is faster
+        q1, med, q3 = np.percentile(pair, [25, 50, 75])
+        result = {
+            "bench": "llm_jax_train_ab", "config": name, "vs": args.vs, "pairs": args.steps,
+            "ms_per_step_A": round(1000 * float(np.median(a)), 2),
+            "ms_per_step_B": round(1000 * float(np.median(b)), 2),
+            "speedup_B_over_A": round(float(med), 4),
+            "speedup_quartiles": [round(float(q1), 4), round(float(q3), 4)],
+            "warmup_losses": losses, "first_step_s": first_s, "devices": jax.device_count(),
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
+        print(f"{name}: A {result['ms_per_step_A']:.1f} ms/step, B ({' '.join(args.vs)}) "
+              f"{result['ms_per_step_B']:.1f} ms/step; B's speedup, median of {args.steps} "
+              f"pairs: {med:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+        print(json.dumps(result))
+        return
+
+    step_fn, params, opt_state = build(mcfg)
     t0 = time.perf_counter()
     params, opt_state, m = step_fn(params, opt_state, batch, key)
     jax.block_until_ready(m)
