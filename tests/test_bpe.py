@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_jax import bpe
+from llm_jax import bpe, bpe_cli
 from llm_jax.bpe import BPETokenizer, encode_with_ranks, train_bpe, train_bpe_naive
 from llm_jax.data import read_builtin
 from llm_jax.errors import UserError
@@ -252,7 +252,7 @@ def test_train_command_prints_merges_and_show_prints_pieces(tmp_path, capsys):
     source = tmp_path / "words.txt"
     source.write_text(HAND_TEXT, encoding="utf-8")
     out = tmp_path / "tok.json"
-    bpe.main(["train", "--input", str(source), "--vocab-size", "1000", "--out", str(out),
+    bpe_cli.main(["train", "--input", str(source), "--vocab-size", "1000", "--out", str(out),
               "--verbose"])
     printed = capsys.readouterr().out
     assert "merge 1: 'e' + 's' -> 'es' (count 9, id 256)\n" in printed
@@ -260,7 +260,7 @@ def test_train_command_prints_merges_and_show_prints_pieces(tmp_path, capsys):
     assert "ran out of pairs" in printed
     assert bpe.load(out).merges == [pair for pair, _ in HAND_MERGES]
 
-    bpe.main(["show", "--tokenizer", str(out), f"lowest newer{EOT}é"])
+    bpe_cli.main(["show", "--tokenizer", str(out), f"lowest newer{EOT}é"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "26 characters, 27 bytes -> 8 tokens (vocabulary 269)"
     pieces = [line.split(maxsplit=1) for line in lines[1:]]
