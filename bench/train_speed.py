@@ -12,8 +12,8 @@ JSON line last.
 
 `--vs KEY=VALUE` (repeatable) compares the model with those overrides against the one without,
 in one process (`--vs xla:OPTION=VALUE`: the same model compiled with an XLA option, e.g.
-`--vs xla:xla_cpu_use_onednn=true`): both train steps are compiled, then called alternately (A B B A A B ...) for
-`--steps` pairs, and the ratio of each pair is taken. On a shared machine whose speed drifts by
+`--vs xla:xla_cpu_use_onednn=true`): both train steps are compiled, then called alternately
+(A B, B A, A B, ...) for `--steps` pairs, and the ratio of each pair is taken. On a shared machine whose speed drifts by
 20 % or more between processes, the median of the pair ratios resolves differences of a few
 per cent; `--vs` with no change (e.g. `--vs scan_unroll=N` equal to the preset's) is the
 control and reads 1.00.
@@ -135,7 +135,7 @@ def main() -> None:
         model_items = [item for item in args.vs if not item.startswith("xla:")]
         vs_cfg = with_overrides(mcfg, model_items) if model_items else mcfg
         runs = {"A": build(mcfg), "B": build(vs_cfg, xla_options)}
-        first_s = {n: round(step(r, 0)[0], 2) for n, r in runs.items()}  # compiles (A; B unless AOT)
+        first_s = {n: round(step(r, 0)[0], 2) for n, r in runs.items()}  # compiles, unless AOT
         losses = {n: [step(r, i)[1] for i in range(1, 1 + args.warmup)] for n, r in runs.items()}
         times = {"A": [], "B": []}
         for i in range(args.steps):  # A B, B A, A B, ...: neither always runs first
