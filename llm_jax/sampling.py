@@ -202,14 +202,18 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
                                          window=attention_window(slot + steps, S))
         return tokens_NB, state, slot + steps, n + steps
 
+    def launch_ahead(state, slot: int, n: int):
+        """`launch`, unless no chunk can be needed yet: not past max_new_tokens (every row
+        stops there), nor across a slide (it needs the host's tokens) -> None."""
+        return launch(state, slot, n) if n < max_new_tokens and slot < S else None
+
     idx, mask = _pad_left(rows, S + 1 - max_new_tokens)  # no padding that would force a slide
     token_B, state = _prefill(graphdef, params, layers, idx, mask, jax.random.fold_in(key, 0),
                               temperature, top_k, top_p)
     slot, n = idx.shape[1], 1  # the next free cache slot; tokens chosen so far per row
     # One chunk ahead: the next chunk is queued before this one's tokens are read, so the
-    # device never waits on the host (dispatch, stop tests, the caller's printing). Not past
-    # max_new_tokens (every row stops there), nor across a slide (it needs the host's tokens).
-    ahead = launch(state, slot, n) if n < max_new_tokens and slot < S else None
+    # device never waits on the host (dispatch, stop tests, the caller's printing).
+    ahead = launch_ahead(state, slot, n)
     yield take(np.asarray(token_B)[None])
     while not all(done):
         if ahead is None:
@@ -223,7 +227,7 @@ def stream(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int, k
                 slot = idx.shape[1]
             ahead = launch(state, slot, n)
         tokens_NB, state, slot, n = ahead
-        ahead = launch(state, slot, n) if n < max_new_tokens and slot < S else None
+        ahead = launch_ahead(state, slot, n)
         yield take(np.asarray(tokens_NB))
 
 

@@ -202,7 +202,7 @@ def test_sliding_window_equals_recomputing_the_window(model):
 def test_the_next_chunk_is_queued_before_this_ones_tokens_are_read(model, monkeypatch):
     """One chunk of look-ahead: when the caller gets a chunk, the next one is already on its
     way to the device; none is queued past max_new_tokens; the tokens are those of no
-    look-ahead (chunks of 16 one at a time equal chunks of 1)."""
+    look-ahead (chunks of 4 equal chunks of 1)."""
     graphdef, params = model
     launched = []
     real = sampling._decode_chunk
