@@ -199,6 +199,16 @@ class Placement:
             if jax.process_count() > 1:  # each process reads only its own rows of every batch
                 self.rows = local_rows(t.batch_size, self.mesh)
 
+    @property
+    def per_device_mesh(self) -> Mesh | None:
+        """The mesh when the train step runs each device's rows under shard_map
+        (llm_jax/step.py `per_device`): data parallelism alone over CPU devices, where it
+        measured 3-5 % faster than the GSPMD step; else None."""
+        m = self.mesh
+        if m is None or m.shape["fsdp"] != 1 or m.devices.flat[0].platform != "cpu":
+            return None
+        return m
+
     def describe(self) -> str:
         if self.mesh is None:
             return f"1 x {jax.devices()[0].device_kind}"

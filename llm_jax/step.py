@@ -28,30 +28,39 @@ from llm_jax.loss import cross_entropy_sum
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = False,
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, mesh=None):
     def summed_loss(params, x_BT, y_BT, mask_BT, seg_BT, key):
         logits_BTV = gpt.forward(graphdef, params, x_BT, key, segment_ids_BT=seg_BT)
         return cross_entropy_sum(logits_BTV, y_BT, mask_BT, label_smoothing=label_smoothing)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def train_step(params, opt_state, batch, key):
-        x_ABT, y_ABT, mask_ABT, seg_ABT = (*batch, None, None)[:4]
+    def summed_grads(params, x_ABT, y_ABT, mask_ABT, seg_ABT, key):
+        """(loss summed over the counted targets, their count), gradient of that sum."""
         keys_A = jax.random.split(key, x_ABT.shape[0])
         if x_ABT.shape[0] == 1:
             first = (None if a is None else a[0] for a in (x_ABT, y_ABT, mask_ABT, seg_ABT))
             (loss_sum, count), grads = grad_fn(params, *first, keys_A[0])
-        else:
-            def micro_step(carry, xs):
-                grads_acc, loss_acc, count_acc = carry
-                (loss_sum, count), grads = grad_fn(params, *xs)
-                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-                return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+            return loss_sum, count, grads
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (zeros, jnp.float32(0), jnp.float32(0))
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                micro_step, init, (x_ABT, y_ABT, mask_ABT, seg_ABT, keys_A))
+        def micro_step(carry, xs):
+            grads_acc, loss_acc, count_acc = carry
+            (loss_sum, count), grads = grad_fn(params, *xs)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            micro_step, init, (x_ABT, y_ABT, mask_ABT, seg_ABT, keys_A))
+        return loss_sum, count, grads
+
+    if mesh is not None:
+        summed_grads = per_device(summed_grads, mesh)
+
+    def train_step(params, opt_state, batch, key):
+        x_ABT, y_ABT, mask_ABT, seg_ABT = (*batch, None, None)[:4]
+        loss_sum, count, grads = summed_grads(params, x_ABT, y_ABT, mask_ABT, seg_ABT, key)
         count = jnp.maximum(count, 1.0)  # all masks 0: zero gradients, not NaN
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -68,6 +77,31 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = 
         return params, jax.tree.map(keep, new_opt_state, opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def per_device(summed_grads, mesh):
+    """summed_grads written out per device: each device takes its own rows of every
+    micro-batch (shard_map over the data axes) and the loss sums, counts and gradients are
+    added over the devices in one psum at the end. Params stay replicated; each device's
+    dropout key is folded with its index, so dropout masks depend on the device count.
+    Measured faster than the jitted GSPMD step on per-core CPU devices (llm_jax/cpu.py)."""
+    from jax import shard_map
+    from jax.sharding import PartitionSpec as P
+
+    from llm_jax.parallel import AXES
+
+    def local(params, x_AbT, y_AbT, mask_AbT, seg_AbT, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(AXES))
+        return jax.lax.psum(summed_grads(params, x_AbT, y_AbT, mask_AbT, seg_AbT, key), AXES)
+
+    def sharded(params, x_ABT, y_ABT, mask_ABT, seg_ABT, key):
+        rows = P(None, AXES)
+        specs = (P(), rows, rows, None if mask_ABT is None else rows,
+                 None if seg_ABT is None else rows, P())
+        return shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(),
+                         check_vma=False)(params, x_ABT, y_ABT, mask_ABT, seg_ABT, key)
+
+    return sharded
 
 
 def make_eval_step(graphdef):

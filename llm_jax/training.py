@@ -254,10 +254,11 @@ def train(config: Config) -> dict:
     flops_token = gpt.flops_per_token(mcfg, n_params)
     peak = peak_flops(t.peak_tflops)
     tokens_step = t.grad_accum * t.batch_size * mcfg.block_size
-    train_step = make_train_step(graphdef, tx, label_smoothing=t.label_smoothing)
+    train_step = make_train_step(graphdef, tx, label_smoothing=t.label_smoothing,
+                                 mesh=place.per_device_mesh)
     eval_step = make_eval_step(graphdef)
-    inspect_step = make_train_step(graphdef, tx, inspect=True, label_smoothing=t.label_smoothing) \
-        if t.inspect_interval else None
+    inspect_step = make_train_step(graphdef, tx, inspect=True, label_smoothing=t.label_smoothing,
+                                   mesh=place.per_device_mesh) if t.inspect_interval else None
     lr_at = learning_rate(t)
     ckpts = checkpoint.Checkpoints(out_dir, keep_last=t.keep_last)
 

@@ -1,5 +1,6 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py starts
-it): the same train steps on one device, data-parallel, fully sharded and mixed meshes; then a
+it): the same train steps on one device, data-parallel (GSPMD, and written out per device with
+shard_map), fully sharded and mixed meshes; then a
 checkpoint written on 8 devices restored on 1 and on 4. Prints one JSON line."""
 
 import json
@@ -29,7 +30,7 @@ batches = [tuple(rng.integers(0, 64, size=(2, 8, 16)).astype(np.int32) for _ in 
 train_step = make_train_step(graphdef, tx)
 
 
-def run(mesh, params, opt_state, steps):
+def run(mesh, params, opt_state, steps, train_step=train_step):
     params, opt_state = parallel.shard(params, mesh), parallel.shard(opt_state, mesh)
     want = parallel.state_shardings(params, mesh)
     metrics = []
@@ -60,10 +61,12 @@ out = {}
 one = parallel.make_mesh(devices=jax.devices()[:1])
 ref_grads = grads_on(one)
 ref_metrics, ref_params, _, _ = run(one, params0, tx.init(params0), range(6))
-for data, fsdp in [(8, 1), (1, 8), (2, 4)]:
-    metrics, params, _, kept = run(parallel.make_mesh(data, fsdp), params0, tx.init(params0),
-                                   range(6))
-    out[f"{data}x{fsdp}"] = {
+for data, fsdp, per_device in [(8, 1, False), (1, 8, False), (2, 4, False), (8, 1, True)]:
+    mesh = parallel.make_mesh(data, fsdp)
+    # per_device: the step written out with shard_map (step.per_device), as on per-core CPUs
+    step = make_train_step(graphdef, tx, mesh=mesh) if per_device else train_step
+    metrics, params, _, kept = run(mesh, params0, tx.init(params0), range(6), step)
+    out[f"{data}x{fsdp}" + ("_per_device" if per_device else "")] = {
         "loss_diff": max(abs(a[0] - b[0]) for a, b in zip(metrics, ref_metrics)),
         "grad_norm_diff": max(abs(a[1] - b[1]) for a, b in zip(metrics, ref_metrics)),
         "param_diff": max_diff(params, ref_params), "shardings_kept": kept,
