@@ -19,7 +19,7 @@ from typing import Any
 
 from llm_jax.errors import UserError
 from llm_jax.attention import IMPLEMENTATIONS
-from llm_jax.model import MATMUL_DTYPES, NORMS, POSITIONS, ModelConfig
+from llm_jax.model import LINEAR_VJPS, MATMUL_DTYPES, NORMS, POSITIONS, ModelConfig
 from llm_jax.tasks import FAMILIES, TASKS
 
 if sys.version_info >= (3, 11):
@@ -166,7 +166,7 @@ def validate(config: Config) -> None:
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
     for name, choices in (("position", POSITIONS), ("norm", NORMS),
-                          ("matmul_dtype", MATMUL_DTYPES)):
+                          ("matmul_dtype", MATMUL_DTYPES), ("linear_vjp", LINEAR_VJPS)):
         if getattr(m, name) not in choices:
             raise UserError(f"model.{name} must be one of {', '.join(choices)}, got "
                             f"{getattr(m, name)!r}" + _suggest(getattr(m, name), choices))

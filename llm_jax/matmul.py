@@ -1,4 +1,5 @@
-"""Matrix products with bfloat16 operands and float32 accumulation (`model.matmul_dtype`).
+"""The linear layers' matrix products: bfloat16 operands with float32 accumulation
+(`model.matmul_dtype`), and a float32 backward that reads x^T row-major (`model.linear_vjp`).
 
 Shapes: N rows (B*T tokens), D inputs, F outputs.
 
@@ -19,6 +20,9 @@ fast kind too: the incoming gradient is rounded to bf16 once, and
   no better than float32), and it is fast on a row-major (D, N) left operand (~260). The
   forward therefore keeps x^T, constrained to a row-major (D, N) layout, as the residual: one
   transposed copy of x per layer, half the size of float32 x.
+
+`transposed_matmul` is the same backward for float32 operands (nothing rounded): there too
+XLA's CPU kernels compute dw = x^T @ g faster from a row-major x^T.
 """
 
 from __future__ import annotations
@@ -35,60 +39,88 @@ except ImportError:  # pragma: no cover
     Layout = with_layout_constraint = None
 
 MATMUL_DTYPES = ("float32", "bfloat16")
+LINEAR_VJPS = ("auto", "xla", "transposed")
 _ROWS_BY_COLS = (((1,), (0,)), ((), ()))  # (N, D) x (D, F)
 _ROWS_BY_ROWS = (((1,), (1,)), ((), ()))  # (N, F) x (D, F) -> (N, D): g @ w^T
 
 
 def bf16_matmul(x_ND, w_DF):
     """x @ w with both rounded to bf16, accumulated and returned in float32."""
-    return _bf16_matmul(x_ND, w_DF, jnp.dtype(x_ND.dtype), jnp.dtype(w_DF.dtype))
+    return _matmul(x_ND, w_DF, jnp.dtype(x_ND.dtype), jnp.dtype(w_DF.dtype), jnp.bfloat16)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bf16_matmul(x_ND, w_DF, x_dtype, w_dtype):
+def transposed_matmul(x_ND, w_DF):
+    """x @ w in float32, whose backward takes dw from a row-major copy of x^T
+    (`model.linear_vjp=transposed`). XLA differentiates a float32 product into dw = x^T g
+    contracting the N rows of both operands; its single-threaded CPU kernels ran that product
+    at 30-35 GFLOP/s against 40-58 for the others (docs/benchmarks.md), and at the rate of the
+    others on a row-major (D, N) left operand. On per-core CPU devices the train step measured
+    about 4 % faster with it; on one device using both cores, no faster."""
+    return _matmul(x_ND, w_DF, jnp.dtype(x_ND.dtype), jnp.dtype(w_DF.dtype), jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(x_ND, w_DF, x_dtype, w_dtype, operand_dtype):
     del x_dtype, w_dtype
-    return lax.dot_general(x_ND.astype(jnp.bfloat16), w_DF.astype(jnp.bfloat16), _ROWS_BY_COLS,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(x_ND.astype(operand_dtype), w_DF.astype(operand_dtype),
+                           _ROWS_BY_COLS, preferred_element_type=jnp.float32)
 
 
-def _bf16_matmul_fwd(x_ND, w_DF, x_dtype, w_dtype):
+def _matmul_fwd(x_ND, w_DF, x_dtype, w_dtype, operand_dtype):
     del x_dtype, w_dtype
-    x_bf_ND, w_bf_DF = x_ND.astype(jnp.bfloat16), w_DF.astype(jnp.bfloat16)
-    y_NF = lax.dot_general(x_bf_ND, w_bf_DF, _ROWS_BY_COLS, preferred_element_type=jnp.float32)
+    x_op_ND, w_op_DF = x_ND.astype(operand_dtype), w_DF.astype(operand_dtype)
+    y_NF = lax.dot_general(x_op_ND, w_op_DF, _ROWS_BY_COLS, preferred_element_type=jnp.float32)
     # Row-major (D, N) in memory: without the constraint XLA makes the transpose a change of
-    # layout, and then runs the backward's product as a float32 one (it upcasts both operands).
-    x_bf_DN = x_bf_ND.T
+    # layout, and then runs the backward's product as the slow kind (for bf16 operands, a
+    # float32 one: it upcasts both).
+    x_op_DN = x_op_ND.T
     if with_layout_constraint is not None:
-        x_bf_DN = with_layout_constraint(x_bf_DN, Layout((0, 1)))
-    return y_NF, (x_bf_DN, w_bf_DF)
+        x_op_DN = with_layout_constraint(x_op_DN, Layout((0, 1)))
+    return y_NF, (x_op_DN, w_op_DF)
 
 
-def _bf16_matmul_bwd(x_dtype, w_dtype, residuals, g_NF):
-    x_bf_DN, w_bf_DF = residuals
-    g_bf_NF = g_NF.astype(jnp.bfloat16)
-    dx_ND = lax.dot_general(g_bf_NF, w_bf_DF, _ROWS_BY_ROWS, preferred_element_type=jnp.float32)
-    dw_DF = lax.dot_general(x_bf_DN, g_bf_NF, _ROWS_BY_COLS, preferred_element_type=jnp.float32)
+def _matmul_bwd(x_dtype, w_dtype, operand_dtype, residuals, g_NF):
+    x_op_DN, w_op_DF = residuals
+    g_op_NF = g_NF.astype(operand_dtype)
+    dx_ND = lax.dot_general(g_op_NF, w_op_DF, _ROWS_BY_ROWS, preferred_element_type=jnp.float32)
+    dw_DF = lax.dot_general(x_op_DN, g_op_NF, _ROWS_BY_COLS, preferred_element_type=jnp.float32)
     return dx_ND.astype(x_dtype), dw_DF.astype(w_dtype)
 
 
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                     **kwargs):
+def _linear_dot_general(matmul, float32_only: bool = False):
     """A `lax.dot_general` for `nnx.Linear(dot_general=...)`: its (..., D) x (D, F) products go
-    through `bf16_matmul` (leading axes flattened into rows); any other product is float32."""
-    del precision, preferred_element_type
-    (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
-    if (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
-            and not batch_l and not batch_r):
-        y_NF = bf16_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
-        return y_NF.reshape(*lhs.shape[:-1], rhs.shape[1])
-    return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+    through `matmul` (leading axes flattened into rows; with float32_only, float32 ones only);
+    any other product is XLA's."""
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    **kwargs):
+        (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
+        if float32_only and not lhs.dtype == rhs.dtype == jnp.float32:
+            return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+        del precision, preferred_element_type
+        if (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
+                and not batch_l and not batch_r):
+            y_NF = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+            return y_NF.reshape(*lhs.shape[:-1], rhs.shape[1])
+        return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+
+    return dot_general
 
 
-def dot_general_for(matmul_dtype: str):
-    """The dot_general the linear layers use for `model.matmul_dtype`."""
+bf16_dot_general = _linear_dot_general(bf16_matmul)
+transposed_dot_general = _linear_dot_general(transposed_matmul, float32_only=True)
+
+
+def dot_general_for(matmul_dtype: str, linear_vjp: str = "xla"):
+    """The dot_general the linear layers use for `model.matmul_dtype` and `model.linear_vjp`
+    ("auto" is "xla" here: training resolves it, llm_jax/training.py)."""
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"model.matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
-    return bf16_dot_general if matmul_dtype == "bfloat16" else lax.dot_general
+    if linear_vjp not in LINEAR_VJPS:
+        raise ValueError(f"model.linear_vjp must be one of {LINEAR_VJPS}, got {linear_vjp!r}")
+    if matmul_dtype == "bfloat16":
+        return bf16_dot_general
+    return transposed_dot_general if linear_vjp == "transposed" else lax.dot_general

@@ -27,7 +27,8 @@ Design choices:
 - Params are float32; `dtype` sets the compute dtype; softmax and logits are float32.
   `matmul_dtype=bfloat16` rounds only the linear layers' operands to bf16, with float32 sums
   and results (llm_jax/matmul.py): about twice the float32 matmul rate on CPUs with AVX-512
-  BF16, while the residual stream, norms and softmax stay float32.
+  BF16, while the residual stream, norms and softmax stay float32. `linear_vjp=transposed`: the
+  same backward in float32 (dw from a row-major x^T; `auto` picks it on per-core CPU devices).
 - The embedding table may be padded (50257 -> 50304 rows) for faster matmuls; the logits are cut
   back to `vocab_size`, so padding never changes results.
 """
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax import attention as attn_lib
-from llm_jax.matmul import MATMUL_DTYPES, dot_general_for
+from llm_jax.matmul import LINEAR_VJPS, MATMUL_DTYPES, dot_general_for  # noqa: F401
 from llm_jax.attention import dropout, masked_attention as attention  # noqa: F401 (re-exported)
 
 
@@ -62,6 +63,7 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     matmul_dtype: str = "float32"  # linear layers' operands: float32 | bfloat16 (float32 sums)
+    linear_vjp: str = "auto"  # float32 linear backward: xla | transposed | auto (matmul.py)
     attention_dtype: str = ""  # q, k, v for attention's products ("": the compute dtype)
     scan_unroll: int = 1  # layers per scan iteration (n_layer: fully unrolled, often faster on CPU)
     position: str = "learned"  # learned (GPT-2's table) | sinusoidal (fixed) | rope (rotary)
@@ -88,7 +90,7 @@ class ModelConfig:
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02):
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs,
                       kernel_init=nnx.initializers.normal(std),
-                      dot_general=dot_general_for(cfg.matmul_dtype))
+                      dot_general=dot_general_for(cfg.matmul_dtype, cfg.linear_vjp))
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs):

@@ -16,6 +16,12 @@ training loop reports it, and stops with train.nonfinite=stop.
 metrics also hold per-layer gradient norms, update-to-parameter ratios and residual-stream
 statistics (llm_jax/inspection.py names them). Training calls it only every
 `train.inspect_interval` steps, so the other steps pay nothing for inspection.
+
+`make_train_step(..., mesh=mesh)` writes the data parallelism out (`per_device`): each device
+computes the gradient of its own rows under `shard_map` and one psum adds them up. Without a
+mesh, jit partitions the step itself from the shardings of its inputs (GSPMD), which also
+covers fully sharded params; on per-core CPU devices the written-out step measured 3-5 %
+faster (docs/benchmarks.md), so training uses it there (`parallel.Placement.per_device_mesh`).
 """
 
 import jax
@@ -98,6 +104,8 @@ def per_device(summed_grads, mesh):
         rows = P(None, AXES)
         specs = (P(), rows, rows, None if mask_ABT is None else rows,
                  None if seg_ABT is None else rows, P())
+        # check_vma=False: the gradients inside are each device's own (no implicit sum over
+        # devices for the replicated params), so the one psum above adds them exactly once.
         return shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(),
                          check_vma=False)(params, x_ABT, y_ABT, mask_ABT, seg_ABT, key)
 

@@ -216,6 +216,10 @@ def train(config: Config) -> dict:
     out_dir = Path(t.out_dir)
     _check_writable(out_dir)
     place = parallel.Placement(t)
+    if mcfg.linear_vjp == "auto":  # measured faster on per-core CPU devices only (matmul.py)
+        mcfg = dataclasses.replace(
+            mcfg, linear_vjp="transposed" if place.per_device_mesh is not None else "xla")
+        config = dataclasses.replace(config, model=mcfg)
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)

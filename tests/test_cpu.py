@@ -17,7 +17,7 @@ from llm_jax import attention as A
 from llm_jax import compile_cache, cpu
 from llm_jax import model as gpt
 from llm_jax.errors import UserError
-from llm_jax.matmul import bf16_matmul, dot_general_for
+from llm_jax.matmul import bf16_matmul, dot_general_for, transposed_matmul
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,41 @@ def test_bf16_matmuls_change_a_models_loss_and_gradients_only_by_rounding():
     for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
         scale = float(jnp.max(jnp.abs(a))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) < 0.05 * scale
+
+
+def test_transposed_matmul_is_the_float32_product_and_its_gradients():
+    """linear_vjp=transposed: the product and both gradients are the float64 ones up to float32
+    rounding, under jit too (where the row-major x^T residual is laid out)."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, (64, 48)), jax.random.normal(kw, (48, 80))
+    g = jax.random.normal(kg, (64, 80))
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    y, (dx, dw) = jax.jit(lambda x, w: (transposed_matmul(x, w),
+                                        jax.vjp(transposed_matmul, x, w)[1](g)))(x, w)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x64 @ w64, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), g64 @ w64.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), x64.T @ g64, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="linear_vjp"):
+        dot_general_for("float32", "fast")
+
+
+def test_a_gpt_with_the_transposed_backward_has_the_same_loss_and_gradients():
+    cfg = dataclasses.replace(TINY, linear_vjp="xla")
+    graphdef, params = gpt.init_params(cfg, jax.random.key(0))
+    t_def, _ = gpt.init_params(dataclasses.replace(cfg, linear_vjp="transposed"),
+                               jax.random.key(0))
+    idx = jax.random.randint(jax.random.key(1), (2, cfg.block_size + 1), 0, cfg.vocab_size)
+
+    def loss(g, p):
+        logits = gpt.forward(g, p, idx[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), idx[:, 1:, None], -1))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+    (l_x, g_x), (l_t, g_t) = grad(graphdef, params), grad(t_def, params)
+    assert abs(float(l_t) - float(l_x)) < 1e-6
+    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_t)):
+        assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * (float(jnp.max(jnp.abs(a))) + 1e-6)
 
 
 @pytest.mark.parametrize("T,block", [(32, 8), (24, 8), (20, 8)])  # 20: not a multiple, one block

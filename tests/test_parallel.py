@@ -162,7 +162,8 @@ def test_mesh_and_process_mistakes_are_named(tmp_path, corpus_path, data_dir, fl
 
 def test_train_py_splits_the_cpu_into_per_core_devices(tmp_path, one_device):
     """--cpu_devices=2 with no XLA_FLAGS of the user's: train.py makes two CPU devices before
-    JAX starts and trains data-parallel over them, with one device's losses; the run then
+    JAX starts and trains data-parallel over them (per device, with the transposed linear
+    backward), with one device's losses; the run then
     loads for sampling on this process's one device."""
     from llm_jax import sampling
     from llm_jax.inference import load_model
@@ -178,6 +179,9 @@ def test_train_py_splits_the_cpu_into_per_core_devices(tmp_path, one_device):
         out = f.read()
     assert p.returncode == 0, out[-3000:]
     assert "2 devices (2 data x 1 fsdp) on 1 process" in out
+    # per-core devices: the step written out per device, linear_vjp=auto -> transposed
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["linear_vjp"] == "transposed"
     got = losses(tmp_path)
     assert sorted(got) == sorted(want)
     for step in want:
