@@ -1,7 +1,6 @@
 """GPT-2, as Flax NNX modules used as pure functions over a params pytree.
 
-Shapes: B batch, T time, D model width (n_embd), H heads, K head dim (D // H), V vocabulary,
-L layers.
+Shapes: B batch, T time, D width (n_embd), H heads, K head dim (D // H), V vocabulary, L layers.
 
 Design choices:
 - GPT-2 exactly, so that OpenAI's weights map onto it one to one: token + learned position
