@@ -97,15 +97,13 @@ def _linear_dot_general(matmul, float32_only: bool = False):
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                     **kwargs):
         (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
-        if float32_only and not lhs.dtype == rhs.dtype == jnp.float32:
-            return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type, **kwargs)
-        del precision, preferred_element_type
         if (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
-                and not batch_l and not batch_r):
+                and not batch_l and not batch_r
+                and (not float32_only or lhs.dtype == rhs.dtype == jnp.float32)):
             y_NF = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
             return y_NF.reshape(*lhs.shape[:-1], rhs.shape[1])
-        return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
 
     return dot_general
 
