@@ -80,6 +80,7 @@ def main() -> None:
 
     from llm_jax import model as gpt, parallel
     from llm_jax.config import TrainConfig, load_preset
+    from llm_jax.matmul import resolve_linear_vjp
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
 
@@ -108,9 +109,8 @@ def main() -> None:
         devices the step runs per device, as train.py's (step.per_device); gspmd: the jitted
         GSPMD step instead."""
         per_device = None if gspmd or mesh is None else mesh
-        if cfg.linear_vjp == "auto":  # as train.py resolves it
-            cfg = dataclasses.replace(
-                cfg, linear_vjp="transposed" if per_device is not None else "xla")
+        cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(
+            cfg.linear_vjp, per_device=per_device is not None))  # as train.py does
         graphdef, params = gpt.init_params(cfg, jax.random.key(0))
         tx = make_optimizer(tcfg)
         opt_state = tx.init(params)

@@ -28,6 +28,7 @@ from llm_jax import checkpoint, data, guards, hf, inspection, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
+from llm_jax.matmul import resolve_linear_vjp
 from llm_jax.optim import frozen_mask, learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
 from llm_jax.tokenizers import GPT2_VOCAB_SIZE, base_tokenizer, tokenizer_from_json
@@ -216,10 +217,9 @@ def train(config: Config) -> dict:
     out_dir = Path(t.out_dir)
     _check_writable(out_dir)
     place = parallel.Placement(t)
-    if mcfg.linear_vjp == "auto":  # measured faster on per-core CPU devices only (matmul.py)
-        mcfg = dataclasses.replace(
-            mcfg, linear_vjp="transposed" if place.per_device_mesh is not None else "xla")
-        config = dataclasses.replace(config, model=mcfg)
+    mcfg = dataclasses.replace(mcfg, linear_vjp=resolve_linear_vjp(
+        mcfg.linear_vjp, per_device=place.per_device_mesh is not None))
+    config = dataclasses.replace(config, model=mcfg)
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)

@@ -116,16 +116,23 @@ def test_bf16_matmul_is_the_product_of_rounded_operands_with_float32_sums():
         dot_general_for("int8")
 
 
-def test_bf16_matmuls_change_a_models_loss_and_gradients_only_by_rounding():
-    cfg = TINY
-    graphdef, params = gpt.init_params(cfg, jax.random.key(0))
-    bf_def, _ = gpt.init_params(dataclasses.replace(cfg, matmul_dtype="bfloat16"),
-                                jax.random.key(0))
+def next_token_loss(cfg):
+    """loss(graphdef, params): a GPT's mean next-token loss on two fixed random rows."""
     idx = jax.random.randint(jax.random.key(1), (2, cfg.block_size + 1), 0, cfg.vocab_size)
 
     def loss(g, p):
         logits = gpt.forward(g, p, idx[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), idx[:, 1:, None], -1))
+
+    return loss
+
+
+def test_bf16_matmuls_change_a_models_loss_and_gradients_only_by_rounding():
+    cfg = TINY
+    graphdef, params = gpt.init_params(cfg, jax.random.key(0))
+    bf_def, _ = gpt.init_params(dataclasses.replace(cfg, matmul_dtype="bfloat16"),
+                                jax.random.key(0))
+    loss = next_token_loss(cfg)
 
     l32, g32 = jax.value_and_grad(loss, argnums=1)(graphdef, params)
     l16, g16 = jax.value_and_grad(loss, argnums=1)(bf_def, params)
@@ -157,11 +164,7 @@ def test_a_gpt_with_the_transposed_backward_has_the_same_loss_and_gradients():
     graphdef, params = gpt.init_params(cfg, jax.random.key(0))
     t_def, _ = gpt.init_params(dataclasses.replace(cfg, linear_vjp="transposed"),
                                jax.random.key(0))
-    idx = jax.random.randint(jax.random.key(1), (2, cfg.block_size + 1), 0, cfg.vocab_size)
-
-    def loss(g, p):
-        logits = gpt.forward(g, p, idx[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), idx[:, 1:, None], -1))
+    loss = next_token_loss(cfg)
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
     (l_x, g_x), (l_t, g_t) = grad(graphdef, params), grad(t_def, params)
