@@ -12,6 +12,12 @@ whole get `optax.set_to_zero` through `optax.multi_transform` (no Adam state is 
 and they are left out of gradient clipping); layers frozen inside a stacked leaf are zeroed
 by a mask along its layer axis, on the gradients (before clipping) and on the updates (after
 weight decay). A frozen param is bit for bit what it was.
+
+Gradient clipping (`train.grad_clip`) scales the gradients by min(1, grad_clip / global norm),
+as `optax.clip_by_global_norm`, written as one scalar multiply that XLA fuses into the Adam
+update. The train step passes the global norm it already took for its metrics
+(`tx.update(..., grad_norm=)`), so the gradients are read once less; with frozen params the
+clip takes the norm of the trained ones itself.
 """
 
 import re
@@ -88,12 +94,25 @@ def zero_frozen_layers(mask) -> optax.GradientTransformation:
     return optax.stateless(zero)
 
 
-def make_optimizer(cfg: TrainConfig, params=None) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, given_norm: bool = True):
+    """Scale the updates by min(1, max_norm / their global norm). With given_norm, a
+    `grad_norm=` extra argument to update (the norm of exactly these updates) is used instead
+    of taking it again."""
+    def update(updates, state, params=None, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = grad_norm if given_norm and grad_norm is not None else optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig, params=None) -> optax.GradientTransformationExtraArgs:
     """AdamW as configured; with train.freeze, `params` (arrays or shapes) names the leaves."""
     adamw = optax.adamw(learning_rate(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 \
-        else adamw
+    clip = clip_by_global_norm(cfg.grad_clip, given_norm=not cfg.freeze)
+    tx = optax.chain(clip, adamw) if cfg.grad_clip > 0 else adamw
     if not cfg.freeze:
         return tx
     if params is None:

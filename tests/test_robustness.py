@@ -20,7 +20,7 @@ from llm_jax import model as gpt
 from llm_jax.config import TrainConfig
 from llm_jax.errors import UserError
 from llm_jax.optim import make_optimizer
-from llm_jax.step import make_train_step
+from llm_jax.step import make_train_step, unless_nonfinite
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -205,3 +205,28 @@ def test_a_full_disk_is_refused_before_training(tmp_path, run_config, monkeypatc
     with pytest.raises(UserError, match=r"has 0.0 MB free; 4 checkpoints of this model need"):
         training.train(run_config(tmp_path / "run"))
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["cond", "select"])
+def test_the_non_finite_guard_either_way(branch):
+    """The guard as a lax.cond (CPU) and as a select (elsewhere): the update where finite,
+    else the inputs bit for bit and NaN extra metrics; under jit with the inputs donated."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    state = {"m": jnp.full((2, 3), 0.5), "count": jnp.int32(4)}
+
+    def update(params, state):
+        new = jax.tree.map(lambda p: p * 2.0 + 1.0, params)
+        extra = {"ratio": params["b"][0] * 3}
+        return new, {"m": state["m"] - 1.0, "count": state["count"] + 1}, extra
+
+    guarded = jax.jit(lambda finite, p, s: unless_nonfinite(finite, update, p, s, branch=branch),
+                      donate_argnums=(1, 2))
+    want = jax.device_get(update(params, state))
+    got = guarded(jnp.bool_(True), jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(got))):
+        assert np.array_equal(a, b)
+    p, s, extra = guarded(jnp.bool_(False), jax.tree.map(jnp.copy, params),
+                          jax.tree.map(jnp.copy, state))
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves(jax.device_get((p, s)))):
+        assert np.array_equal(a, b)
+    assert np.isnan(float(extra["ratio"]))

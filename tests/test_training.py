@@ -15,7 +15,7 @@ import pytest
 from llm_jax import model as gpt
 from llm_jax.config import TrainConfig
 from llm_jax.errors import UserError
-from llm_jax.optim import decay_mask, learning_rate, make_optimizer
+from llm_jax.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
 from llm_jax.step import make_train_step
 from llm_jax.training import train
 from tests.conftest import TINY
@@ -118,6 +118,40 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only():
         p = leaves_with_names(params)[name]
         want = -1e-2 * 0.5 * p if mask[name] else jnp.zeros_like(p)
         np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-12, err_msg=name)
+
+
+def test_clipping_equals_optax_and_reuses_the_given_norm():
+    grads = {"a": {"kernel": jnp.arange(12.0).reshape(3, 4) - 5}, "b": {"scale": jnp.ones(4)}}
+    norm = optax.tree.norm(grads)  # about 11.7
+    for max_norm in (0.5, 5.0, 100.0):  # clipped, clipped, not
+        want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        clip = clip_by_global_norm(max_norm)
+        for given in (None, norm):
+            got, _ = clip.update(grads, clip.init(grads), grad_norm=given)
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+                np.testing.assert_allclose(b, a, rtol=1e-6)
+    # the given norm is what scales (here a false one, to see it used) ...
+    got, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=4.0)
+    np.testing.assert_allclose(got["a"]["kernel"], grads["a"]["kernel"] / 4.0, rtol=1e-6)
+    # ... unless the clip takes its own (frozen params: the norm of the trained ones alone)
+    got, _ = clip_by_global_norm(1.0, given_norm=False).update(grads, optax.EmptyState(),
+                                                                grad_norm=4.0)
+    np.testing.assert_allclose(got["a"]["kernel"], grads["a"]["kernel"] / float(norm), rtol=1e-6)
+
+
+def test_frozen_params_are_left_out_of_the_clipping_norm():
+    """With train.freeze the step's norm (of every gradient) is not the one that clips."""
+    params = {"wte": {"embedding": jnp.ones((4, 2))}, "ln_f": {"scale": jnp.ones(2)}}
+    grads = {"wte": {"embedding": jnp.full((4, 2), 100.0)}, "ln_f": {"scale": jnp.full(2, 3.0)}}
+    cfg = TrainConfig(learning_rate=1e-2, warmup_iters=0, max_iters=10, weight_decay=0.0,
+                      grad_clip=1.0, freeze="wte")
+    tx = make_optimizer(cfg, params)
+    got, state = tx.update(grads, tx.init(params), params, grad_norm=optax.tree.norm(grads))
+    # Adam's first moment holds (1 - beta1) x the clipped gradient: 3 / |(3, 3)| each
+    clipped = 3.0 / np.sqrt(18.0)
+    moments = [np.asarray(a) for a in jax.tree.leaves(state) if np.shape(a) == (2,)]
+    assert any(np.allclose(m, (1 - cfg.beta1) * clipped, rtol=1e-6) for m in moments), moments
+    assert not np.any(got["wte"]["embedding"])
 
 
 # --- The training run --------------------------------------------------------------------------
