@@ -40,6 +40,9 @@ SHAPE_KEYS = ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head",
               "position", "norm")
 
 
+AHEAD = 2
+
+
 def peak_flops(cfg_tflops: float) -> float | None:
     if cfg_tflops > 0:
         return cfg_tflops * 1e12 * jax.device_count()
@@ -169,9 +172,12 @@ def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch
     """Mean loss over the same `eval_iters` batches of each split at every evaluation."""
     out = {}
     for stream, split in ((1, "train"), (2, "val")):
-        losses = [eval_step(params, *place(get_batch(prepared, split, cfg, step=i, stream=stream,
-                                                     batch_size=cfg.train.batch_size)))
-                  for i in range(cfg.train.eval_iters)]
+        losses = []
+        for i in range(cfg.train.eval_iters):
+            losses.append(eval_step(params, *place(get_batch(
+                prepared, split, cfg, step=i, stream=stream, batch_size=cfg.train.batch_size))))
+            if i >= AHEAD:  # as in training: a bounded queue
+                jax.block_until_ready(losses[i - AHEAD])
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
@@ -296,6 +302,9 @@ def train(config: Config) -> dict:
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect
+    # The host queues at most AHEAD steps behind the one running. Unbounded, XLA:CPU's
+    # in-process collectives between per-core devices deadlocked with 64 steps queued (16: not).
+    in_flight = []
     stop, nonfinite = guards.StopSignals(log), guards.NonFinite(t.nonfinite, log)
 
     def last_good() -> str:
@@ -315,6 +324,9 @@ def train(config: Config) -> dict:
                 params, opt_state, metrics = (inspect_step if inspecting else train_step)(
                     params, opt_state, batch, jax.random.fold_in(k_train, step))
                 nonfinite.add(done, metrics["finite"])
+                in_flight.append(metrics["loss"])
+                if len(in_flight) > AHEAD:
+                    jax.block_until_ready(in_flight.pop(0))
                 if compile_s is None:  # the first step compiles: time it apart from the throughput
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t_last

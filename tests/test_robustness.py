@@ -230,3 +230,38 @@ def test_the_non_finite_guard_either_way(branch):
     for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves(jax.device_get((p, s)))):
         assert np.array_equal(a, b)
     assert np.isnan(float(extra["ratio"]))
+
+
+def test_the_host_queues_at_most_a_few_steps_and_eval_batches(tmp_path, run_config, monkeypatch):
+    """Training and evaluation wait for the result of the step (eval batch) AHEAD calls back
+    before queueing more: unbounded queues deadlocked XLA:CPU's collectives between per-core
+    devices (train.py --eval_iters=300 on the Shakespeare model aborted after 40 s)."""
+    waited, calls = set(), {"train": [], "eval": []}
+
+    def waits(real):
+        def wait(x):
+            waited.update(id(leaf) for leaf in jax.tree.leaves(x))
+            return real(x)
+        return wait
+
+    def spying(kind, make):
+        def wrapped(*args, **kw):
+            fn = make(*args, **kw)
+
+            def call(*a):
+                seen = calls[kind]
+                # every result more than AHEAD calls old has been waited for
+                assert all(id(r) in waited for r in seen[:max(len(seen) - training.AHEAD, 0)])
+                out = fn(*a)
+                seen.append(out[2]["loss"] if kind == "train" else out)
+                return out
+            return call
+        return wrapped
+
+    monkeypatch.setattr(jax, "block_until_ready", waits(jax.block_until_ready))
+    monkeypatch.setattr(jax, "device_get", waits(jax.device_get))
+    monkeypatch.setattr(training, "make_train_step", spying("train", training.make_train_step))
+    monkeypatch.setattr(training, "make_eval_step", spying("eval", training.make_eval_step))
+    training.train(run_config(tmp_path, max_iters=12, log_interval=12, eval_interval=12,
+                              eval_iters=9))
+    assert len(calls["train"]) == 12 and len(calls["eval"]) == 18
