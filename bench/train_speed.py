@@ -13,12 +13,13 @@ JSON line last.
 `--vs KEY=VALUE` (repeatable) compares the model with those overrides against the one without,
 in one process (`--vs xla:OPTION=VALUE`: the same model compiled with an XLA option, e.g.
 `--vs xla:xla_cpu_use_onednn=true`; `--vs step=gspmd`: on per-core devices, the GSPMD step
-instead of the one written out per device): both train steps are compiled, then called
-alternately (A B, B A, A B, ...) for `--steps` pairs, and the ratio of each pair is taken. On
-a shared machine whose speed drifts by 20 % or more between processes, the median of the pair
-ratios resolves differences of a few per cent. `--vs` with no change (e.g. `--vs
-scan_unroll=N` equal to the preset's) is the control: it reads 1.00 over enough pairs (0.99
-over 30 or 80 pairs here; a handful of pairs is not enough).
+instead of the one written out per device; `--vs rev=REVISION`: llm_jax/step.py and optim.py
+as of that git revision, loaded beside this checkout's, which they import the rest from):
+both train steps are compiled, then called alternately (A B, B A, A B, ...) for `--steps`
+pairs, and the ratio of each pair is taken. On a shared machine whose speed drifts by 20 % or
+more between processes, the median of the pair ratios resolves differences of a few per cent.
+`--vs` with no change (e.g. `--vs scan_unroll=N` equal to the preset's) is the control: it
+reads 1.00 over enough pairs (0.99 over 30 or 80 pairs here; a handful of pairs is not enough).
 """
 
 import argparse
@@ -53,6 +54,25 @@ def xla_option(item: str) -> tuple[str, object]:
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     return name, int(value) if value.lstrip("-").isdigit() else value
+
+
+def modules_at(rev: str):
+    """(step, optim) modules of llm_jax as of a git revision, loaded from temporary files."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root, out = Path(__file__).resolve().parent.parent, []
+    for name in ("step", "optim"):
+        src = subprocess.run(["git", "show", f"{rev}:llm_jax/{name}.py"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+        path = Path(tempfile.mkdtemp()) / f"{name}_at_{rev.replace('/', '_')}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out.append(module)
+    return tuple(out)
 
 
 def main() -> None:
@@ -103,20 +123,22 @@ def main() -> None:
     tcfg = TrainConfig(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
                        grad_clip=1.0, warmup_iters=100, max_iters=5000)
 
-    def build(cfg, xla_options=None, gspmd=False):
+    def build(cfg, xla_options=None, gspmd=False, rev=None):
         """[train step, params, opt_state] for cfg, placed on the mesh when there is one; with
         xla_options, the step compiled ahead of time with those XLA options. On a mesh of CPU
         devices the step runs per device, as train.py's (step.per_device); gspmd: the jitted
-        GSPMD step instead."""
+        GSPMD step instead; rev: the step and optimizer of that git revision."""
+        step_mod, optim_mod = modules_at(rev) if rev else (None, None)
         per_device = None if gspmd or mesh is None else mesh
         cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(
             cfg.linear_vjp, per_device=per_device is not None))  # as train.py does
         graphdef, params = gpt.init_params(cfg, jax.random.key(0))
-        tx = make_optimizer(tcfg)
+        tx = (optim_mod.make_optimizer if rev else make_optimizer)(tcfg)
         opt_state = tx.init(params)
         if mesh is not None:
             params, opt_state = parallel.shard(params, mesh), parallel.shard(opt_state, mesh)
-        step_fn = make_train_step(graphdef, tx, mesh=per_device)
+        step_fn = (step_mod.make_train_step if rev else make_train_step)(graphdef, tx,
+                                                                          mesh=per_device)
         if xla_options:
             step_fn = step_fn.lower(params, opt_state, batch, key).compile(
                 compiler_options=xla_options)
@@ -140,10 +162,12 @@ def main() -> None:
 
     if args.vs:
         xla_options = dict(xla_option(item[4:]) for item in args.vs if item.startswith("xla:"))
-        model_items = [item for item in args.vs
-                       if not item.startswith("xla:") and item != "step=gspmd"]
+        revs = [item[4:] for item in args.vs if item.startswith("rev=")]
+        model_items = [item for item in args.vs if not item.startswith(("xla:", "rev="))
+                       and item != "step=gspmd"]
         vs_cfg = with_overrides(mcfg, model_items) if model_items else mcfg
-        runs = {"A": build(mcfg), "B": build(vs_cfg, xla_options, "step=gspmd" in args.vs)}
+        runs = {"A": build(mcfg), "B": build(vs_cfg, xla_options, "step=gspmd" in args.vs,
+                                              revs[-1] if revs else None)}
         first_s = {n: round(step(r, 0)[0], 2) for n, r in runs.items()}  # compiles, unless AOT
         losses = {n: [step(r, i)[1] for i in range(1, 1 + args.warmup)] for n, r in runs.items()}
         times = {"A": [], "B": []}
