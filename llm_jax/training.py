@@ -40,6 +40,9 @@ SHAPE_KEYS = ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head",
               "position", "norm")
 
 
+# Calls the host queues before waiting for the oldest. Unbounded, XLA:CPU's in-process
+# collectives between per-core devices deadlocked with 64 train steps (or 300 eval batches)
+# queued; 16 ran.
 AHEAD = 2
 
 
@@ -176,7 +179,7 @@ def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch
         for i in range(cfg.train.eval_iters):
             losses.append(eval_step(params, *place(get_batch(
                 prepared, split, cfg, step=i, stream=stream, batch_size=cfg.train.batch_size))))
-            if i >= AHEAD:  # as in training: a bounded queue
+            if i >= AHEAD:
                 jax.block_until_ready(losses[i - AHEAD])
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
@@ -302,9 +305,7 @@ def train(config: Config) -> dict:
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect
-    # The host queues at most AHEAD steps behind the one running. Unbounded, XLA:CPU's
-    # in-process collectives between per-core devices deadlocked with 64 steps queued (16: not).
-    in_flight = []
+    in_flight = []  # the losses of the last AHEAD steps
     stop, nonfinite = guards.StopSignals(log), guards.NonFinite(t.nonfinite, log)
 
     def last_good() -> str:
