@@ -81,8 +81,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, inspect: bool = 
             extra = update_metrics(params, grads, updates) if inspect else {}
             return optax.apply_updates(params, updates), opt_state, extra
 
-        # The non-finite guard: a NaN or Inf loss or gradient leaves params and optimizer state
-        # as they were.
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         params, opt_state, extra = unless_nonfinite(metrics["finite"], update, params, opt_state)
         metrics.update(extra)
