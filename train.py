@@ -21,6 +21,7 @@ from llm_jax.training import train
 def main(argv: list[str]) -> None:
     config = load_config(argv)
     t = config.train
+    cpu.retain_freed_memory()
     if config.model.family == "gpt" and not t.coordinator:  # before JAX starts its backend
         cpu.configure(cpu.devices_for(t.cpu_devices, t.batch_size, config.model.n_embd))
     compile_cache.enable()  # a second run skips XLA's compile ($LLM_JAX_CACHE_DIR=off: not)

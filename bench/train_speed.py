@@ -95,6 +95,7 @@ def main() -> None:
     from llm_jax import cpu
     n_dev = cpu.devices_for(args.cpu_devices, 1 << 20)  # (before JAX starts: no batch check)
     cpu.configure(n_dev)
+    cpu.retain_freed_memory()  # as train.py does
     import jax
     import numpy as np
 
