@@ -73,9 +73,9 @@ def test_configure_leaves_the_users_device_count_alone():
 
 
 ARENA = """
-import ctypes, json, resource, sys, threading
+import ctypes, json, resource, threading
 from llm_jax import cpu
-kept = cpu.retain_freed_memory() if sys.argv[1] == "retain" else None
+kept = cpu.retain_freed_memory() if RETAIN else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -99,13 +99,8 @@ print(json.dumps({"kept": kept, "faults": faults}))
 @pytest.mark.skipif(os.uname().sysname != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
                     reason="glibc's malloc")
 def test_retained_memory_is_not_faulted_in_again_at_every_step():
-    def faults(mode):
-        p = subprocess.run([sys.executable, "-c", ARENA, mode], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
-        assert p.returncode == 0, p.stderr[-2000:]
-        return json.loads(p.stdout)
     pages = 96 << 20 >> 12
-    default, kept = faults("default"), faults("retain")
+    default, kept = (run_python(f"RETAIN = {retain}" + ARENA, None) for retain in (False, True))
     assert kept["kept"] is True
     assert min(default["faults"][1:]) > pages // 20  # glibc unmaps the second heap each time
     assert max(kept["faults"][1:]) < pages // 100  # its pages are reused: no new faults
