@@ -101,22 +101,18 @@ def main() -> None:
 
     from llm_jax import model as gpt, parallel
     from llm_jax.config import TrainConfig, load_preset
-    from llm_jax.matmul import resolve_linear_vjp
+    from llm_jax.matmul import resolve_linear_vjp, resolve_matmul_dtype
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
 
-    if args.preset:
-        config = load_preset(args.preset)
-        mcfg, batch_size = config.model, config.train.batch_size
-        if mcfg.vocab_size == 0:
-            mcfg = dataclasses.replace(mcfg, vocab_size=65)
-        name = args.preset
-    else:
-        shape = dict(SHAPES[args.shape or "small"])
-        batch_size = shape.pop("batch_size")
-        mcfg = gpt.ModelConfig(vocab_size=65, vocab_multiple=1, bias=False, dropout=0.0,
-                               scan_unroll=shape["n_layer"], **shape)  # as configs/tiny, small
-        name = args.shape or "small"
+    config = load_preset(args.preset or args.shape or "small")
+    mcfg, batch_size = config.model, config.train.batch_size
+    if mcfg.vocab_size == 0:
+        mcfg = dataclasses.replace(mcfg, vocab_size=65)
+    name = args.preset or args.shape or "small"
+    if not args.preset:  # configs/tiny.toml and small.toml: the peers' shapes, their options
+        got = {k: getattr(mcfg, k, batch_size) for k in SHAPES[name]}
+        assert got == SHAPES[name] and not mcfg.bias and mcfg.dropout == 0, (name, got)
     if args.dtype:
         mcfg = dataclasses.replace(mcfg, dtype=args.dtype)
     if args.model:
@@ -131,8 +127,9 @@ def main() -> None:
         GSPMD step instead; rev: the step and optimizer of that git revision."""
         step_mod, optim_mod = modules_at(rev) if rev else (None, None)
         per_device = None if gspmd or mesh is None else mesh
-        cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(
-            cfg.linear_vjp, per_device=per_device is not None))  # as train.py does
+        cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(  # as train.py does
+            cfg.linear_vjp, per_device=per_device is not None),
+            matmul_dtype=resolve_matmul_dtype(cfg.matmul_dtype, jax.devices()[0].platform))
         graphdef, params = gpt.init_params(cfg, jax.random.key(0))
         tx = (optim_mod.make_optimizer if rev else make_optimizer)(tcfg)
         opt_state = tx.init(params)
@@ -218,6 +215,8 @@ def main() -> None:
     gflops = tok_s * flops_token / 1e9
     result = {
         "bench": "llm_jax_train", "config": name, "dtype": mcfg.dtype, "n_params": n_params,
+        "matmul_dtype": resolve_matmul_dtype(mcfg.matmul_dtype, jax.devices()[0].platform),
+        "attention": mcfg.attention, "attention_block": mcfg.attention_block,
         "flops_per_token": flops_token, "tokens_per_step": tokens_step,
         "ms_per_step": 1000 * tokens_step / tok_s, "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_runs": [round(r, 1) for r in rates], "gflop_per_s": round(gflops, 2),
@@ -226,7 +225,8 @@ def main() -> None:
         "devices": jax.device_count(),
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    print(f"{name}: {tok_s:,.0f} tokens/s ({result['ms_per_step']:.1f} ms/step), "
+    print(f"{name} ({result['matmul_dtype']} products, {mcfg.attention} attention): "
+          f"{tok_s:,.0f} tokens/s ({result['ms_per_step']:.1f} ms/step), "
           f"{gflops:.1f} GFLOP/s, {n_params / 1e6:.2f}M params, compile {compile_s:.1f}s"
           + (f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] else ""))
     print(json.dumps(result))

@@ -61,7 +61,7 @@ class ModelConfig:
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    matmul_dtype: str = "float32"  # linear layers' operands: float32 | bfloat16 (float32 sums)
+    matmul_dtype: str = "float32"  # linear operands: float32 | bfloat16 (float32 sums) | auto
     linear_vjp: str = "auto"  # float32 linear backward: xla | transposed | auto (matmul.py)
     attention_dtype: str = ""  # q, k, v for attention's products ("": the compute dtype)
     scan_unroll: int = 1  # layers per scan iteration (n_layer: fully unrolled, often faster on CPU)
@@ -69,7 +69,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # rope: frequencies base**(-2i/K)
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm
     attention: str = "reference"  # reference (the formula) | xla (jax.nn) | flash (tiled)
-    attention_block: int = 512  # flash: tile length in tokens
+    attention_block: int = 512  # flash: tile length; blocked: query rows per causal block
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     family: str = "gpt"  # gpt | mlm (BERT-style masked LM) | classifier | seq2seq (enc-dec)
     n_dec_layer: int = 0  # seq2seq: decoder blocks (0: as many as n_layer, the encoder's)

@@ -28,7 +28,7 @@ from llm_jax import checkpoint, data, guards, hf, inspection, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
-from llm_jax.matmul import resolve_linear_vjp
+from llm_jax.matmul import resolve_linear_vjp, resolve_matmul_dtype
 from llm_jax.optim import frozen_mask, learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
 from llm_jax.tokenizers import GPT2_VOCAB_SIZE, base_tokenizer, tokenizer_from_json
@@ -228,7 +228,9 @@ def train(config: Config) -> dict:
     place = parallel.Placement(t)
     mcfg = dataclasses.replace(mcfg, linear_vjp=resolve_linear_vjp(
         mcfg.linear_vjp, per_device=place.per_device_mesh is not None))
-    config = dataclasses.replace(config, model=mcfg)
+    config = dataclasses.replace(config, model=mcfg)  # saved: matmul_dtype as configured
+    mcfg = dataclasses.replace(mcfg, matmul_dtype=resolve_matmul_dtype(
+        mcfg.matmul_dtype, jax.devices()[0].platform))  # the train and eval steps'
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)
@@ -286,6 +288,8 @@ def train(config: Config) -> dict:
     log(f"model: {n_params / 1e6:.2f}M params, {flops_token / 1e6:.2f} MFLOPs/token; "
         f"{tokens_step} tokens/step; data: {prepared.meta['train_tokens']:,} train tokens; "
         f"devices: {place.describe()}"
+        + (f"; matmul operands {mcfg.matmul_dtype} (auto)"
+           if config.model.matmul_dtype == "auto" else "")
         + (f"; resuming at step {start}" if start else "")
         + ("; no checkpoint to resume from: starting at step 0" if fresh else "")
         + (f"; weights from {t.init_from}" if pretrained is not None else ""))
@@ -301,7 +305,7 @@ def train(config: Config) -> dict:
         log(f"freezing {t.freeze!r}: {int(n_frozen):,} of "
             f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)):,} params")
 
-    summary = {"start_step": start, "steps": t.max_iters}
+    summary = {"start_step": start, "steps": t.max_iters, "matmul_dtype": mcfg.matmul_dtype}
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect

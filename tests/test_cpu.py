@@ -17,7 +17,9 @@ from llm_jax import attention as A
 from llm_jax import compile_cache, cpu
 from llm_jax import model as gpt
 from llm_jax.errors import UserError
-from llm_jax.matmul import bf16_matmul, dot_general_for, transposed_matmul
+from llm_jax import matmul
+from llm_jax.matmul import (bf16_matmul, dot_general_for, fast_bf16_products,
+                            resolve_matmul_dtype, transposed_matmul)
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +176,46 @@ def test_bf16_matmuls_change_a_models_loss_and_gradients_only_by_rounding():
     for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
         scale = float(jnp.max(jnp.abs(a))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) < 0.05 * scale
+
+
+def test_matmul_dtype_auto_is_bf16_only_where_the_devices_multiply_bf16_fast():
+    assert fast_bf16_products("gpu") and fast_bf16_products("tpu")
+    assert fast_bf16_products("cpu", {"avx2", "avx512f", "avx512_bf16"})
+    assert fast_bf16_products("cpu", {"avx2", "amx_bf16"})
+    assert not fast_bf16_products("cpu", {"avx2", "fma", "avx512f", "avx512_vnni"})
+    assert not fast_bf16_products("cpu", set())
+    assert resolve_matmul_dtype("float32", "gpu") == "float32"  # a choice is kept as it is
+    assert resolve_matmul_dtype("bfloat16", "cpu") == "bfloat16"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = " ".join(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")
+                     ) if cpuinfo.exists() else ""
+    has_bf16 = " avx512_bf16" in flags or " amx_bf16" in flags
+    assert resolve_matmul_dtype("auto", "cpu") == ("bfloat16" if has_bf16 else "float32")
+    assert dot_general_for("auto") is jax.lax.dot_general  # outside training: float32
+
+
+def test_training_with_matmul_dtype_auto_follows_the_cpu_and_saves_auto(run_config, tmp_path,
+                                                                        monkeypatch):
+    from llm_jax.training import train
+
+    def run(name, dtype, flags):
+        monkeypatch.setattr(matmul, "_cpu_flags", lambda: set(flags))
+        config = run_config(tmp_path / name, model={"matmul_dtype": dtype}, max_iters=3,
+                            eval_interval=3, log_interval=1)
+        summary = train(config)
+        saved = json.loads((tmp_path / name / "config.json").read_text())["model"]
+        return summary, saved["matmul_dtype"]
+
+    f32, _ = run("f32", "float32", ["avx512_bf16"])
+    bf16, _ = run("bf16", "bfloat16", [])
+    auto_avx2, saved_avx2 = run("auto_avx2", "auto", ["avx2", "avx512f"])
+    auto_bf16, saved_bf16 = run("auto_bf16", "auto", ["avx2", "avx512_bf16"])
+    assert saved_avx2 == saved_bf16 == "auto"  # the policy is saved; the run reports its choice
+    assert (auto_avx2["matmul_dtype"], auto_bf16["matmul_dtype"]) == ("float32", "bfloat16")
+    assert auto_avx2["final_loss"] == f32["final_loss"]  # the same products, bit for bit
+    assert auto_bf16["final_loss"] == bf16["final_loss"]
+    assert f32["final_loss"] != bf16["final_loss"]  # (so the two above tell them apart)
+    assert abs(f32["final_loss"] - bf16["final_loss"]) < 0.05
 
 
 def test_transposed_matmul_is_the_float32_product_and_its_gradients():
