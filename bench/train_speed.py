@@ -129,7 +129,9 @@ def main() -> None:
         per_device = None if gspmd or mesh is None else mesh
         cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(  # as train.py does
             cfg.linear_vjp, per_device=per_device is not None),
-            matmul_dtype=resolve_matmul_dtype(cfg.matmul_dtype, jax.devices()[0].platform))
+            matmul_dtype=resolve_matmul_dtype(cfg.matmul_dtype, jax.devices()[0].platform),
+            attention_dtype=resolve_matmul_dtype(cfg.attention_dtype, jax.devices()[0].platform,
+                                                 otherwise=""))
         graphdef, params = gpt.init_params(cfg, jax.random.key(0))
         tx = (optim_mod.make_optimizer if rev else make_optimizer)(tcfg)
         opt_state = tx.init(params)
@@ -217,6 +219,8 @@ def main() -> None:
         "bench": "llm_jax_train", "config": name, "dtype": mcfg.dtype, "n_params": n_params,
         "matmul_dtype": resolve_matmul_dtype(mcfg.matmul_dtype, jax.devices()[0].platform),
         "attention": mcfg.attention, "attention_block": mcfg.attention_block,
+        "attention_dtype": resolve_matmul_dtype(mcfg.attention_dtype, jax.devices()[0].platform,
+                                                otherwise="") or mcfg.dtype,
         "flops_per_token": flops_token, "tokens_per_step": tokens_step,
         "ms_per_step": 1000 * tokens_step / tok_s, "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_runs": [round(r, 1) for r in rates], "gflop_per_s": round(gflops, 2),

@@ -22,6 +22,8 @@ from llm_jax.attention import IMPLEMENTATIONS
 from llm_jax.model import LINEAR_VJPS, MATMUL_DTYPES, NORMS, POSITIONS, ModelConfig
 from llm_jax.tasks import FAMILIES, TASKS
 
+ATTENTION_DTYPES = ("", "float32", "bfloat16", "float16", "auto")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -165,6 +167,9 @@ def validate(config: Config) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.attention_dtype not in ATTENTION_DTYPES:
+        raise UserError("model.attention_dtype must be one of "
+                        f"{', '.join(map(repr, ATTENTION_DTYPES))}, got {m.attention_dtype!r}")
     for name, choices in (("position", POSITIONS), ("norm", NORMS),
                           ("matmul_dtype", MATMUL_DTYPES), ("linear_vjp", LINEAR_VJPS)):
         if getattr(m, name) not in choices:

@@ -22,10 +22,12 @@ import platform
 
 from llm_jax.errors import UserError
 
-# Per-core devices: each runs its operations single-threaded, and the dots go to XLA's own
-# (Eigen) kernels, which were faster than its YNNPACK fusions at these sizes (measured).
+# Per-core devices: each runs its operations single-threaded, and only the dots go to
+# YNNPACK (no fusions of element-wise work into them, which were slower at these sizes):
+# float32 steps ran as fast as with XLA's own dot kernels (1.04 over 60 pairs, the Shakespeare
+# recipe), bf16 ones 1.26x faster, since XLA's own kernels upcast bf16 (docs/benchmarks.md).
 _PER_CORE_FLAGS = ("--xla_cpu_multi_thread_eigen=false",
-                   "--xla_cpu_experimental_ynn_fusion_type=")
+                   "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
 
 
 def cores() -> int:

@@ -12,8 +12,9 @@ to bf16, accumulate and return float32, and everything else (norms, softmax, res
 loss, params, optimizer) stays float32: the numerics of mixed-precision training (bf16 products,
 float32 master weights), without a bf16 residual stream.
 
-`model.matmul_dtype=auto` (configs/small.toml) decides per machine when training starts:
-bf16 where the devices have fast bf16 products (`resolve_matmul_dtype`), float32 elsewhere.
+`model.matmul_dtype=auto` and `model.attention_dtype=auto` (configs/tiny.toml, small.toml)
+decide per machine when training starts: bf16 where the devices have fast bf16 products
+(`resolve_matmul_dtype`), float32 elsewhere, and float32 products when decoding.
 
 `bf16_matmul` has its own backward (`jax.custom_vjp`) so that the backward products are the
 fast kind too: the incoming gradient is rounded to bf16 once, and
@@ -147,14 +148,15 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_matmul_dtype(matmul_dtype: str, platform: str) -> str:
-    """`model.matmul_dtype` with "auto" decided for training on `platform`: bf16 operands
-    where the devices have fast bf16 products (`fast_bf16_products`), float32 elsewhere
-    (without bf16 units XLA:CPU's bf16 products are slower than float32 ones: measured 834
-    against 954 tokens/s on an AVX2 Zen 3, docs/benchmarks.md)."""
+def resolve_matmul_dtype(matmul_dtype: str, platform: str, otherwise: str = "float32") -> str:
+    """A dtype option (`model.matmul_dtype`, `model.attention_dtype`) with "auto" decided for
+    training on `platform`: bf16 where the devices have fast bf16 products
+    (`fast_bf16_products`), `otherwise` elsewhere (without bf16 units XLA:CPU's bf16 products
+    are slower than float32 ones: measured 834 against 954 tokens/s on an AVX2 Zen 3,
+    docs/benchmarks.md). Any other value is kept as it is."""
     if matmul_dtype != "auto":
         return matmul_dtype
-    return "bfloat16" if fast_bf16_products(platform) else "float32"
+    return "bfloat16" if fast_bf16_products(platform) else otherwise
 
 
 def dot_general_for(matmul_dtype: str, linear_vjp: str = "xla"):

@@ -63,7 +63,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     matmul_dtype: str = "float32"  # linear operands: float32 | bfloat16 (float32 sums) | auto
     linear_vjp: str = "auto"  # float32 linear backward: xla | transposed | auto (matmul.py)
-    attention_dtype: str = ""  # q, k, v for attention's products ("": the compute dtype)
+    attention_dtype: str = ""  # q, k, v for attention's products ("": the compute dtype) | auto
     scan_unroll: int = 1  # layers per scan iteration (n_layer: fully unrolled, often faster on CPU)
     position: str = "learned"  # learned (GPT-2's table) | sinusoidal (fixed) | rope (rotary)
     rope_base: float = 10000.0  # rope: frequencies base**(-2i/K)
@@ -163,7 +163,8 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (t.reshape(N // T, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cfg.attention_dtype:  # bf16 operands for q.k and p.v; the softmax stays float32
+        if cfg.attention_dtype not in ("", "auto"):  # bf16 q.k and p.v; a float32 softmax
+            # ("auto" left unresolved, outside training: the compute dtype)
             q, k, v = (t.astype(cfg.attention_dtype) for t in (q, k, v))
         if segment_ids_BT is not None:  # packed rows: the formula with a per-row mask
             y_BTHK = attn_lib.masked_attention(q, k, v, segment_mask(segment_ids_BT), k_att,

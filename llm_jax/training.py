@@ -229,8 +229,10 @@ def train(config: Config) -> dict:
     mcfg = dataclasses.replace(mcfg, linear_vjp=resolve_linear_vjp(
         mcfg.linear_vjp, per_device=place.per_device_mesh is not None))
     config = dataclasses.replace(config, model=mcfg)  # saved: matmul_dtype as configured
-    mcfg = dataclasses.replace(mcfg, matmul_dtype=resolve_matmul_dtype(
-        mcfg.matmul_dtype, jax.devices()[0].platform))  # the train and eval steps'
+    platform = jax.devices()[0].platform  # "auto" dtypes, decided for the train and eval steps
+    mcfg = dataclasses.replace(
+        mcfg, matmul_dtype=resolve_matmul_dtype(mcfg.matmul_dtype, platform),
+        attention_dtype=resolve_matmul_dtype(mcfg.attention_dtype, platform, otherwise=""))
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)
@@ -290,6 +292,8 @@ def train(config: Config) -> dict:
         f"devices: {place.describe()}"
         + (f"; matmul operands {mcfg.matmul_dtype} (auto)"
            if config.model.matmul_dtype == "auto" else "")
+        + (f"; attention operands {mcfg.attention_dtype or mcfg.dtype} (auto)"
+           if config.model.attention_dtype == "auto" else "")
         + (f"; resuming at step {start}" if start else "")
         + ("; no checkpoint to resume from: starting at step 0" if fresh else "")
         + (f"; weights from {t.init_from}" if pretrained is not None else ""))
@@ -305,7 +309,8 @@ def train(config: Config) -> dict:
         log(f"freezing {t.freeze!r}: {int(n_frozen):,} of "
             f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)):,} params")
 
-    summary = {"start_step": start, "steps": t.max_iters, "matmul_dtype": mcfg.matmul_dtype}
+    summary = {"start_step": start, "steps": t.max_iters, "matmul_dtype": mcfg.matmul_dtype,
+               "attention_dtype": mcfg.attention_dtype}
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect

@@ -194,28 +194,42 @@ def test_matmul_dtype_auto_is_bf16_only_where_the_devices_multiply_bf16_fast():
     assert dot_general_for("auto") is jax.lax.dot_general  # outside training: float32
 
 
-def test_training_with_matmul_dtype_auto_follows_the_cpu_and_saves_auto(run_config, tmp_path,
-                                                                        monkeypatch):
+def test_training_with_auto_dtypes_follows_the_cpu_and_saves_auto(run_config, tmp_path,
+                                                                   monkeypatch):
+    """matmul_dtype=auto and attention_dtype=auto train exactly as the float32 run on a CPU
+    without BF16 and as the bf16 run on one with it; the saved config keeps "auto"."""
     from llm_jax.training import train
 
-    def run(name, dtype, flags):
+    def run(name, flags, matmul_dtype, attention_dtype):
         monkeypatch.setattr(matmul, "_cpu_flags", lambda: set(flags))
-        config = run_config(tmp_path / name, model={"matmul_dtype": dtype}, max_iters=3,
-                            eval_interval=3, log_interval=1)
+        config = run_config(tmp_path / name, model={"matmul_dtype": matmul_dtype,
+                                                    "attention_dtype": attention_dtype},
+                            max_iters=3, eval_interval=3, log_interval=1)
         summary = train(config)
         saved = json.loads((tmp_path / name / "config.json").read_text())["model"]
-        return summary, saved["matmul_dtype"]
+        return summary, (saved["matmul_dtype"], saved["attention_dtype"])
 
-    f32, _ = run("f32", "float32", ["avx512_bf16"])
-    bf16, _ = run("bf16", "bfloat16", [])
-    auto_avx2, saved_avx2 = run("auto_avx2", "auto", ["avx2", "avx512f"])
-    auto_bf16, saved_bf16 = run("auto_bf16", "auto", ["avx2", "avx512_bf16"])
-    assert saved_avx2 == saved_bf16 == "auto"  # the policy is saved; the run reports its choice
-    assert (auto_avx2["matmul_dtype"], auto_bf16["matmul_dtype"]) == ("float32", "bfloat16")
+    f32, _ = run("f32", ["avx512_bf16"], "float32", "")
+    bf16, _ = run("bf16", [], "bfloat16", "bfloat16")
+    auto_avx2, saved_avx2 = run("auto_avx2", ["avx2", "avx512f"], "auto", "auto")
+    auto_bf16, saved_bf16 = run("auto_bf16", ["avx2", "avx512_bf16"], "auto", "auto")
+    assert saved_avx2 == saved_bf16 == ("auto", "auto")  # the policy is saved
+    assert (auto_avx2["matmul_dtype"], auto_avx2["attention_dtype"]) == ("float32", "")
+    assert (auto_bf16["matmul_dtype"], auto_bf16["attention_dtype"]) == ("bfloat16", "bfloat16")
     assert auto_avx2["final_loss"] == f32["final_loss"]  # the same products, bit for bit
     assert auto_bf16["final_loss"] == bf16["final_loss"]
     assert f32["final_loss"] != bf16["final_loss"]  # (so the two above tell them apart)
     assert abs(f32["final_loss"] - bf16["final_loss"]) < 0.05
+
+
+def test_unresolved_auto_dtypes_compute_in_float32():
+    """Outside training (decoding, a loaded checkpoint) "auto" means float32 products."""
+    graphdef, params = gpt.init_params(TINY, jax.random.key(0))
+    auto_def, _ = gpt.init_params(dataclasses.replace(TINY, matmul_dtype="auto",
+                                                      attention_dtype="auto"), jax.random.key(0))
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    assert np.array_equal(np.asarray(gpt.forward(auto_def, params, idx)),
+                          np.asarray(gpt.forward(graphdef, params, idx)))
 
 
 def test_transposed_matmul_is_the_float32_product_and_its_gradients():
