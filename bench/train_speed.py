@@ -101,7 +101,7 @@ def main() -> None:
 
     from llm_jax import model as gpt, parallel
     from llm_jax.config import TrainConfig, load_preset
-    from llm_jax.matmul import resolve_linear_vjp, resolve_matmul_dtype
+    from llm_jax.matmul import resolve_auto_dtypes, resolve_linear_vjp
     from llm_jax.optim import make_optimizer
     from llm_jax.step import make_train_step
 
@@ -124,14 +124,12 @@ def main() -> None:
         """[train step, params, opt_state] for cfg, placed on the mesh when there is one; with
         xla_options, the step compiled ahead of time with those XLA options. On a mesh of CPU
         devices the step runs per device, as train.py's (step.per_device); gspmd: the jitted
-        GSPMD step instead; rev: the step and optimizer of that git revision."""
+        GSPMD step instead; rev: the step and optimizer of that git revision. "auto" options
+        are decided as train.py decides them."""
         step_mod, optim_mod = modules_at(rev) if rev else (None, None)
         per_device = None if gspmd or mesh is None else mesh
-        cfg = dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(  # as train.py does
-            cfg.linear_vjp, per_device=per_device is not None),
-            matmul_dtype=resolve_matmul_dtype(cfg.matmul_dtype, jax.devices()[0].platform),
-            attention_dtype=resolve_matmul_dtype(cfg.attention_dtype, jax.devices()[0].platform,
-                                                 otherwise=""))
+        cfg = resolve_auto_dtypes(dataclasses.replace(cfg, linear_vjp=resolve_linear_vjp(
+            cfg.linear_vjp, per_device=per_device is not None)), jax.devices()[0].platform)
         graphdef, params = gpt.init_params(cfg, jax.random.key(0))
         tx = (optim_mod.make_optimizer if rev else make_optimizer)(tcfg)
         opt_state = tx.init(params)
@@ -215,12 +213,11 @@ def main() -> None:
         rates.append(tokens_step / statistics.median(times))
     tok_s = statistics.median(rates)
     gflops = tok_s * flops_token / 1e9
+    used = resolve_auto_dtypes(mcfg, jax.devices()[0].platform)
     result = {
         "bench": "llm_jax_train", "config": name, "dtype": mcfg.dtype, "n_params": n_params,
-        "matmul_dtype": resolve_matmul_dtype(mcfg.matmul_dtype, jax.devices()[0].platform),
+        "matmul_dtype": used.matmul_dtype, "attention_dtype": used.attention_dtype or mcfg.dtype,
         "attention": mcfg.attention, "attention_block": mcfg.attention_block,
-        "attention_dtype": resolve_matmul_dtype(mcfg.attention_dtype, jax.devices()[0].platform,
-                                                otherwise="") or mcfg.dtype,
         "flops_per_token": flops_token, "tokens_per_step": tokens_step,
         "ms_per_step": 1000 * tokens_step / tok_s, "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_runs": [round(r, 1) for r in rates], "gflop_per_s": round(gflops, 2),

@@ -31,6 +31,7 @@ XLA's CPU kernels compute dw = x^T @ g faster from a row-major x^T.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -157,6 +158,14 @@ def resolve_matmul_dtype(matmul_dtype: str, platform: str, otherwise: str = "flo
     if matmul_dtype != "auto":
         return matmul_dtype
     return "bfloat16" if fast_bf16_products(platform) else otherwise
+
+
+def resolve_auto_dtypes(model_cfg, platform: str):
+    """A ModelConfig with `matmul_dtype` and `attention_dtype` "auto" decided for training on
+    `platform` (attention's "otherwise" is "": the compute dtype)."""
+    return dataclasses.replace(
+        model_cfg, matmul_dtype=resolve_matmul_dtype(model_cfg.matmul_dtype, platform),
+        attention_dtype=resolve_matmul_dtype(model_cfg.attention_dtype, platform, otherwise=""))
 
 
 def dot_general_for(matmul_dtype: str, linear_vjp: str = "xla"):

@@ -163,8 +163,7 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (t.reshape(N // T, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cfg.attention_dtype not in ("", "auto"):  # bf16 q.k and p.v; a float32 softmax
-            # ("auto" left unresolved, outside training: the compute dtype)
+        if cfg.attention_dtype not in ("", "auto"):  # bf16 q.k, p.v; unresolved auto: dtype
             q, k, v = (t.astype(cfg.attention_dtype) for t in (q, k, v))
         if segment_ids_BT is not None:  # packed rows: the formula with a per-row mask
             y_BTHK = attn_lib.masked_attention(q, k, v, segment_mask(segment_ids_BT), k_att,

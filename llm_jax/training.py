@@ -28,7 +28,7 @@ from llm_jax import checkpoint, data, guards, hf, inspection, parallel, sft
 from llm_jax import model as gpt
 from llm_jax.config import Config, DataConfig
 from llm_jax.errors import UserError
-from llm_jax.matmul import resolve_linear_vjp, resolve_matmul_dtype
+from llm_jax.matmul import resolve_auto_dtypes, resolve_linear_vjp
 from llm_jax.optim import frozen_mask, learning_rate, make_optimizer
 from llm_jax.step import make_eval_step, make_train_step
 from llm_jax.tokenizers import GPT2_VOCAB_SIZE, base_tokenizer, tokenizer_from_json
@@ -228,11 +228,8 @@ def train(config: Config) -> dict:
     place = parallel.Placement(t)
     mcfg = dataclasses.replace(mcfg, linear_vjp=resolve_linear_vjp(
         mcfg.linear_vjp, per_device=place.per_device_mesh is not None))
-    config = dataclasses.replace(config, model=mcfg)  # saved: matmul_dtype as configured
-    platform = jax.devices()[0].platform  # "auto" dtypes, decided for the train and eval steps
-    mcfg = dataclasses.replace(
-        mcfg, matmul_dtype=resolve_matmul_dtype(mcfg.matmul_dtype, platform),
-        attention_dtype=resolve_matmul_dtype(mcfg.attention_dtype, platform, otherwise=""))
+    config = dataclasses.replace(config, model=mcfg)  # saved: the dtypes as configured ("auto")
+    mcfg = resolve_auto_dtypes(mcfg, jax.devices()[0].platform)  # the train and eval steps'
 
     shapes = gpt.abstract_params(mcfg)[1]
     tx = make_optimizer(t, shapes)
