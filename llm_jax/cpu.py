@@ -86,8 +86,9 @@ def configure(n_devices: int) -> bool:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
+               "MALLOC_MMAP_MAX_")
 
 
 def retain_freed_memory() -> bool:
@@ -97,10 +98,15 @@ def retain_freed_memory() -> bool:
     a thread's freed heap back to the kernel once it is empty, so when a step's buffers outgrow
     one 64 MB arena heap, every step maps a fresh heap and faults in its pages again: measured
     (docs/benchmarks.md), some processes took 3.5 M page faults and 11 s of system time in 600
-    Shakespeare steps, others 0.3 M. A 64 MB top pad keeps the heaps, a 1 GB trim threshold
-    keeps their pages, and a fixed 32 MB mmap threshold (glibc's largest) serves big buffers
-    from them. The process then holds its peak memory. Returns whether the settings were made:
-    not off glibc, nor when $MALLOC_*_ or $GLIBC_TUNABLES already choose malloc's settings."""
+    Shakespeare steps, others 0.3 M. A 64 MB top pad keeps the heaps and a 1 GB trim threshold
+    keeps their pages. Blocks of 32 MB or more (glibc's largest mmap threshold) are mapped on
+    their own and unmapped when freed, whatever the threshold: XLA's one block of a step's
+    temporaries is that big for the "tiny" preset on two devices (56 MB each), and train.py,
+    which queues steps ahead, mapped and faulted it in again at every step (4.3 M page faults
+    in 150 steps, 12 s of system time, 12,000 instead of 17,000 tokens/s). So malloc maps no
+    blocks at all (M_MMAP_MAX 0); a block too big for an arena heap (64 MB) is still mapped.
+    The process then holds its peak memory. Returns whether the settings were made: not off
+    glibc, nor when $MALLOC_*_ or $GLIBC_TUNABLES already choose malloc's settings."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(k in os.environ for k in _MALLOC_ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
@@ -108,4 +114,5 @@ def retain_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
     return all(mallopt(k, v) == 1 for k, v in ((_M_TOP_PAD, 64 << 20),
                                                (_M_TRIM_THRESHOLD, 1 << 30),
-                                               (_M_MMAP_THRESHOLD, 32 << 20)))
+                                               (_M_MMAP_THRESHOLD, 32 << 20),
+                                               (_M_MMAP_MAX, 0)))
