@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -138,7 +140,8 @@ def check_same_shape(saved: dict, wanted: gpt.ModelConfig, where: str) -> None:
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        # One probe per process: a multi-process run's processes share out_dir.
+        probe = out_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

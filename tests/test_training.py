@@ -272,3 +272,33 @@ def test_fine_tuning_resumes_exactly(run_config, tmp_path):
     assert rest["start_step"] == 4
     assert_trees_equal(rest["params"], full["params"])
     assert rest["val_loss"] == full["val_loss"]
+
+
+CHECK_WRITABLE = """
+import sys, time
+from pathlib import Path
+from llm_jax.errors import UserError
+from llm_jax.training import _check_writable
+end = time.monotonic() + 2  # both processes at it at once, whichever imported first
+while time.monotonic() < end:
+    try:
+        _check_writable(Path(sys.argv[1]))
+    except UserError as e:
+        print(e)
+        sys.exit(1)
+"""
+
+
+def test_processes_sharing_out_dir_check_it_without_tripping_each_other(tmp_path):
+    """The processes of a multi-process run check the same out_dir at the same moment: each
+    writes and removes a probe of its own (one shared name failed one run in seven of
+    tests/test_parallel.py: one process removed the other's probe)."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK_WRITABLE, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert list(tmp_path.iterdir()) == []  # no probe left behind
