@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -293,9 +295,6 @@ def test_processes_sharing_out_dir_check_it_without_tripping_each_other(tmp_path
     """The processes of a multi-process run check the same out_dir at the same moment: each
     writes and removes a probe of its own (one shared name failed one run in seven of
     tests/test_parallel.py: one process removed the other's probe)."""
-    import subprocess
-    import sys
-
     procs = [subprocess.Popen([sys.executable, "-c", CHECK_WRITABLE, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
              for _ in range(2)]
