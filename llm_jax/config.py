@@ -65,6 +65,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip by global norm (0: off)
     eval_interval: int = 250  # evaluate (and maybe save the best) every this many steps
     eval_iters: int = 20  # batches per evaluation
+    # the train loss at evaluations: "held_out" from eval_iters forward passes over fixed train
+    # batches, as for val; "steps" the mean loss of the last eval_iters train steps (no extra
+    # passes); "auto" steps where those are eval-mode losses (dropout and label smoothing 0)
+    eval_train: str = "auto"
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 500  # steps between checkpoints (a last one is always written)
     keep_last: int = 2  # checkpoints kept, besides the best by val loss
@@ -206,6 +210,8 @@ def validate(config: Config) -> None:
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
         if not getattr(t, name) >= 0:  # also rejects nan
             raise UserError(f"train.{name} must be a number >= 0, got {getattr(t, name)}")
+    if t.eval_train not in ("auto", "held_out", "steps"):
+        raise UserError(f"train.eval_train must be auto, held_out or steps, got {t.eval_train!r}")
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite must be skip or stop, got {t.nonfinite!r}")
     if t.cpu_devices < 0:

@@ -14,6 +14,7 @@ chosen params fixed (llm_jax/optim.py).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -174,10 +175,13 @@ def micro_batches(prepared, cfg: Config, step: int, stream: int = 0, rows: slice
     return tuple(None if a is None else a.reshape(shape) for a in batch)
 
 
-def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch) -> dict:
+def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch,
+             splits=("train", "val")) -> dict:
     """Mean loss over the same `eval_iters` batches of each split at every evaluation."""
     out = {}
     for stream, split in ((1, "train"), (2, "val")):
+        if split not in splits:
+            continue
         losses = []
         for i in range(cfg.train.eval_iters):
             losses.append(eval_step(params, *place(get_batch(
@@ -186,6 +190,16 @@ def evaluate(eval_step, params, prepared, cfg: Config, place=lambda batch: batch
                 jax.block_until_ready(losses[i - AHEAD])
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
+
+
+def train_loss_from_steps(cfg: Config) -> bool:
+    """Whether evaluations report the mean loss of the last `eval_iters` train steps as the train
+    loss (`train.eval_train`), instead of running held-out forward passes over train batches.
+    With dropout and label smoothing 0 a step's loss is the eval-mode loss of its batch (under
+    the params the step began with), and this halves the cost of an evaluation."""
+    if cfg.train.eval_train == "auto":
+        return cfg.model.dropout == 0.0 and cfg.train.label_smoothing == 0.0
+    return cfg.train.eval_train == "steps"
 
 
 class _Log:
@@ -313,6 +327,8 @@ def train(config: Config) -> dict:
                "attention_dtype": mcfg.attention_dtype}
     t_last, step_last, compile_s = time.perf_counter(), start, None
     t_run, pause = time.perf_counter(), {"eval": 0.0, "ckpt": 0.0}  # time not spent training
+    from_steps = train_loss_from_steps(config)
+    recent = collections.deque(maxlen=t.eval_iters)  # with from_steps: the last steps' losses
     metrics, compiled = None, set()  # the step variants called so far: False plain, True inspect
     in_flight = []  # the losses of the last AHEAD steps
     stop, nonfinite = guards.StopSignals(log), guards.NonFinite(t.nonfinite, log)
@@ -335,6 +351,8 @@ def train(config: Config) -> dict:
                     params, opt_state, batch, jax.random.fold_in(k_train, step))
                 nonfinite.add(done, metrics["finite"])
                 in_flight.append(metrics["loss"])
+                if from_steps:
+                    recent.append(metrics["loss"])
                 if len(in_flight) > AHEAD:
                     jax.block_until_ready(in_flight.pop(0))
                 if compile_s is None:  # the first step compiles: time it apart from the throughput
@@ -363,11 +381,16 @@ def train(config: Config) -> dict:
                         tokens_per_s=tok_s, mfu=tok_s * flops_token / peak if peak else None)
                 if done % t.eval_interval == 0 or done == t.max_iters:
                     t_eval = time.perf_counter()
-                    losses = evaluate(eval_step, params, prepared, config, place.eval_batch)
+                    losses = evaluate(eval_step, params, prepared, config, place.eval_batch,
+                                      splits=("val",) if from_steps else ("train", "val"))
+                    if from_steps:  # the skipped steps' NaN/Inf left out
+                        finite = [x for x in jax.device_get(list(recent)) if np.isfinite(x)]
+                        losses["train"] = float(np.mean(finite)) if finite else math.nan
                     pause["eval"] += time.perf_counter() - t_eval
                     improved = losses["val"] < best_val
                     best_val = min(best_val, losses["val"])
-                    log(f"step {done}: train loss {losses['train']:.4f}, "
+                    log(f"step {done}: train loss {losses['train']:.4f}"
+                        + (f" (last {len(recent)} steps)" if from_steps else "") + ", "
                         f"val loss {losses['val']:.4f}"
                         + (" (best)" if improved else ""), step=done, train_loss=losses["train"],
                         val_loss=losses["val"])

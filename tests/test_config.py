@@ -194,6 +194,7 @@ def test_toml_file_problems(tmp_path):
     (["--val_fraction=0"], "val_fraction"),
     (["--eval_interval=0"], "eval_interval"),
     (["--ckpt_interval=0"], "ckpt_interval"),
+    (["--eval_train=recent"], "eval_train"),
     (["--seed=-1"], "seed"),
     (["--learning_rate=nan"], "learning_rate"),
 ])

@@ -19,7 +19,7 @@ from llm_jax.config import TrainConfig
 from llm_jax.errors import UserError
 from llm_jax.optim import clip_by_global_norm, decay_mask, learning_rate, make_optimizer
 from llm_jax.step import make_train_step
-from llm_jax.training import train
+from llm_jax.training import train, train_loss_from_steps
 from tests.conftest import TINY
 
 T = TINY.block_size
@@ -252,6 +252,39 @@ def test_resume_with_another_model_shape_names_the_key(run, run_config):
     other = run_config(config.train.out_dir, model=dict(DROPOUT, n_layer=3), **RUN, resume=True)
     with pytest.raises(UserError, match="n_layer"):
         train(other)
+
+
+def test_train_loss_at_evaluations_from_the_last_steps_or_held_out_batches(run_config, tmp_path):
+    """eval_train: "steps" reports the mean logged loss of the last eval_iters steps and changes
+    nothing else (params and val losses are those of the "held_out" run, to the bit)."""
+    fields = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=1)
+    runs = {how: train(run_config(tmp_path / how, eval_train=how, **fields))
+            for how in ("steps", "held_out")}
+    recs = {how: records(tmp_path / how) for how in runs}
+    step_loss = {r["step"]: r["loss"] for r in recs["steps"] if "loss" in r}
+    evals = {how: [r for r in recs[how] if "val_loss" in r] for how in runs}
+    assert [r["step"] for r in evals["steps"]] == [10, 20]
+    for r in evals["steps"]:
+        want = np.mean([step_loss[s] for s in range(r["step"] - 3, r["step"] + 1)])
+        assert r["train_loss"] == pytest.approx(want, rel=1e-6)
+    assert [r["val_loss"] for r in evals["steps"]] == [r["val_loss"] for r in evals["held_out"]]
+    assert_trees_equal(runs["steps"]["params"], runs["held_out"]["params"])
+    held = [r["train_loss"] for r in evals["held_out"]]
+    assert held != [r["train_loss"] for r in evals["steps"]]  # other batches, other params
+    assert all(abs(a["train_loss"] - b["train_loss"]) < 0.3
+               for a, b in zip(evals["steps"], evals["held_out"]))
+
+
+@pytest.mark.parametrize("model, train_fields, from_steps", [
+    ({}, {}, True),  # dropout 0: a step's loss is its batch's eval-mode loss
+    ({"dropout": 0.1}, {}, False),
+    ({}, {"label_smoothing": 0.1}, False),
+    ({"dropout": 0.1}, {"eval_train": "steps"}, True),
+    ({}, {"eval_train": "held_out"}, False),
+])
+def test_eval_train_auto_uses_steps_only_where_they_are_eval_mode_losses(
+        run_config, tmp_path, model, train_fields, from_steps):
+    assert train_loss_from_steps(run_config(tmp_path, model=model, **train_fields)) is from_steps
 
 
 def test_fine_tuning_resumes_exactly(run_config, tmp_path):
