@@ -263,5 +263,5 @@ def test_the_host_queues_at_most_a_few_steps_and_eval_batches(tmp_path, run_conf
     monkeypatch.setattr(training, "make_train_step", spying("train", training.make_train_step))
     monkeypatch.setattr(training, "make_eval_step", spying("eval", training.make_eval_step))
     training.train(run_config(tmp_path, max_iters=12, log_interval=12, eval_interval=12,
-                              eval_iters=9))
+                              eval_iters=9, eval_train="held_out"))  # 9 batches of each split
     assert len(calls["train"]) == 12 and len(calls["eval"]) == 18
